@@ -1,0 +1,73 @@
+"""The broker adapter interface the consumer talks to.
+
+The consumer never touches kombu objects directly: it sees `Delivery`
+values and calls `ack`/`reject` on a `Broker`. That seam is what lets a native
+Redis adapter (batched pops and acks in kombu's own ``unacked`` /
+``unacked_index`` layout) replace kombu's one-message-at-a-time path without
+the consumer, pools or execution noticing.
+
+Every `Broker` method is called from the consumer thread only: kombu channels
+and py-amqp connections are not thread-safe, so the adapter does not need to
+be either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+
+@dataclass
+class Delivery:
+    """One message as the broker handed it over, before any decoding.
+
+    ``body`` is already transport-decoded (Redis base64 undone, compression
+    undone when the transport does it) but still serialized: turning it into
+    args/kwargs is the protocol layer's job, so that the accept-content check
+    happens in one place.
+    """
+
+    body: bytes
+    content_type: str | None
+    content_encoding: str | None
+    headers: dict[str, Any] | Any
+    properties: dict[str, Any]
+    delivery_info: dict[str, Any]
+    handle: Any = field(repr=False, default=None)
+    """Opaque to everyone but the adapter that produced it (a kombu Message)."""
+    decode_error: BaseException | None = None
+    """Set when the transport itself could not decode the envelope (A27)."""
+
+
+DeliveryCallback = Callable[[Delivery], None]
+
+
+class Broker(Protocol):
+    """What the consumer needs from a message transport."""
+
+    url_for_log: str
+    """The broker URL with its password masked, for the startup log line."""
+
+    def connect(self) -> None:
+        """Open the connection, retrying as ``broker_connection_retry*`` say."""
+
+    def consume(self, queues: Sequence[Any], on_delivery: DeliveryCallback) -> None:
+        """Declare ``queues`` and start delivering their messages to ``on_delivery``."""
+
+    def set_prefetch(self, count: int) -> None:
+        """Cap un-acked deliveries at ``count`` (0 means no cap)."""
+
+    def poll(self, timeout: float) -> None:
+        """Deliver whatever has arrived, waiting at most ``timeout`` seconds."""
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge: the broker forgets the message."""
+
+    def reject(self, delivery: Delivery, requeue: bool) -> None:
+        """Reject: drop the message, or give it back to the queue."""
+
+    def purge(self, queues: Sequence[Any]) -> int:
+        """Delete every ready message of ``queues``; return how many went."""
+
+    def close(self) -> None:
+        """Close; the broker gets every un-acked message back."""

@@ -1,0 +1,59 @@
+"""What running one task produced, and what that means for its message.
+
+The runner (in a pool slot) reports an `Outcome`; the consumer thread turns
+it into an ack, a reject or a requeue. Keeping the decision here, as a pure
+function of the task's ack settings and the outcome, puts Celery's rules
+(wire contract B6, B8) in one place for every pool.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class State(str, enum.Enum):
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    RETRY = "RETRY"
+    REJECTED = "REJECTED"
+    IGNORED = "IGNORED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class Settle(str, enum.Enum):
+    """What the consumer does with the message once the task is over."""
+
+    ACK = "ack"
+    DROP = "drop"  # reject, no requeue
+    REQUEUE = "requeue"  # reject, back to the queue
+    NOTHING = "nothing"  # already acked when the task started
+
+
+@dataclass
+class Outcome:
+    state: State
+    retval: Any = None
+    runtime: float | None = None
+    requeue: bool = False  # for State.REJECTED: the Reject's own flag
+    is_timeout: bool = False
+
+
+def settle(outcome: Outcome, *, acks_late: bool, acks_on_failure_or_timeout: bool) -> Settle:
+    """Celery's acks_late rules (B6, B8) for a finished run.
+
+    Early-acked messages were acked when the task started, except that a
+    ``Reject`` still rejects a message that was not acked yet.
+    """
+    if outcome.state is State.REJECTED:
+        if not acks_late:
+            return Settle.NOTHING
+        return Settle.REQUEUE if outcome.requeue else Settle.DROP
+    if not acks_late:
+        return Settle.NOTHING
+    if outcome.state in (State.FAILURE, State.INTERNAL_ERROR):
+        if acks_on_failure_or_timeout:
+            return Settle.ACK
+        return Settle.REQUEUE if outcome.is_timeout else Settle.DROP
+    return Settle.ACK

@@ -1,0 +1,31 @@
+"""The solo pool: the task runs in the consumer's own thread, one at a time.
+
+As with Celery's solo pool, nothing else (not even the broker connection)
+is served while a task runs; it is the simplest and the cheapest pool.
+"""
+
+from __future__ import annotations
+
+from celery import signals
+
+from celerycompat.pools.base import Job
+
+
+class SoloPool:
+    name = "celery.concurrency.solo:TaskPool"
+    runs_inline = True
+
+    def __init__(self, hostname: str) -> None:
+        self.limit = 1
+        self.hostname = hostname
+
+    def start(self) -> None:
+        # Celery's solo pool sends worker_process_init (sender = nodename):
+        # projects use it to open per-process resources.
+        signals.worker_process_init.send(sender=self.hostname)
+
+    def submit(self, job: Job) -> None:
+        job()
+
+    def stop(self, wait: bool = True) -> None:
+        """Nothing runs in the background, so there is nothing to stop."""

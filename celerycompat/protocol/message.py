@@ -1,0 +1,273 @@
+"""Task messages as they arrive: protocol v2, v1 and the v1/v2 hybrid.
+
+Pure: no sockets, no threads, no app. The consumer hands in what the
+transport delivered (headers, properties, delivery info, the serialized
+body) plus a ``decode`` function that enforces ``accept_content``; out comes
+a `TaskMessage` or one of the exceptions below, each of which maps to one of
+Celery's outcomes for a message it cannot run (wire contract A24-A27).
+
+Two steps, because Celery looks at the task name before it decodes a v2
+body: an unknown task is failed with ``NotRegistered`` even when its body
+would not decode. `peek` finds the name (decoding only v1 bodies, where the
+name lives in the body); `parse` decodes and validates the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone, tzinfo
+from typing import Any, Callable, Mapping
+
+#: ``decode(body, content_type, content_encoding) -> payload``; raises
+#: `ContentRefused` or `BodyUndecodable`.
+Decoder = Callable[[bytes, "str | None", "str | None"], Any]
+
+
+class UnknownMessage(Exception):
+    """Not a task message at all: Celery logs "Received and deleted unknown message" (A26)."""
+
+
+class InvalidTaskMessage(Exception):
+    """A task message Celery would reject as invalid (A24): reject, no requeue, no result."""
+
+
+class ContentRefused(InvalidTaskMessage):
+    """The content type is not in ``accept_content`` (handled as invalid, A24/A29)."""
+
+
+class BodyUndecodable(Exception):
+    """The body cannot be deserialized: Celery logs it as critical and acks (A27)."""
+
+
+_EMPTY_EMBED: Mapping[str, Any] = {
+    "callbacks": None,
+    "errbacks": None,
+    "chain": None,
+    "chord": None,
+}
+
+
+@dataclass
+class Peeked:
+    """What is known about a message before its body is trusted."""
+
+    task: str
+    id: Any
+    root_id: Any
+    protocol: int
+    v1_body: dict[str, Any] | None = None
+
+
+@dataclass
+class TaskMessage:
+    """A decoded, validated task message, in protocol-v2 terms whatever came in.
+
+    ``request`` is the dict Celery turns into ``task.request`` (headers, then
+    properties, reply_to, correlation_id, delivery_info, args, kwargs); the
+    worker adds ``hostname`` and the embed before the task runs.
+    """
+
+    task: str
+    id: str
+    name: str
+    args: list[Any] | tuple[Any, ...]
+    kwargs: dict[str, Any]
+    embed: Mapping[str, Any]
+    request: dict[str, Any]
+    delivery_info: dict[str, Any]
+    eta: datetime | None = None
+    expires: datetime | None = None
+    utc: bool = True
+    argsrepr: str = ""
+    kwargsrepr: str = ""
+    root_id: Any = None
+    parent_id: Any = None
+    retries: int = 0
+    timelimit: Any = None
+    ignore_result: bool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def peek(headers: Any, body: bytes, content_type: str | None,
+         content_encoding: str | None, decode: Decoder) -> Peeked:
+    """Find the task name and id (A13, A26).
+
+    v2 carries them in the headers; a message whose headers have no ``task``
+    is v1 and carries them in the body, which must then be decoded now.
+    """
+    if not isinstance(headers, dict):
+        raise UnknownMessage("message headers are not a mapping")
+    if "task" in headers:
+        return Peeked(
+            task=headers["task"],
+            id=headers.get("id"),
+            root_id=headers.get("root_id"),
+            protocol=2,
+        )
+    payload = decode(body, content_type, content_encoding)
+    if not isinstance(payload, dict) or "task" not in payload:
+        raise UnknownMessage("message has no task name")
+    return Peeked(
+        task=payload["task"],
+        id=payload.get("id"),
+        root_id=None,
+        protocol=1,
+        v1_body=payload,
+    )
+
+
+def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any],
+          delivery_info: Mapping[str, Any], body: bytes, content_type: str | None,
+          content_encoding: str | None, decode: Decoder, *,
+          worker_utc: bool, worker_tz: tzinfo | None,
+          saferepr: Callable[[Any], str] = repr) -> TaskMessage:
+    """Decode and validate a message whose task is known to the worker.
+
+    ``worker_utc``/``worker_tz`` are the worker app's timezone settings: for
+    v2 messages Celery takes "is the ETA UTC" from the worker, not the
+    message (A15).
+    """
+    if peeked.protocol == 2:
+        payload = decode(body, content_type, content_encoding)
+        if isinstance(payload, dict) and "args" in payload:
+            args, kwargs, embed, req, utc = _from_hybrid(payload, headers)
+        else:
+            args, kwargs, embed = _split_v2_body(payload)
+            req, utc = dict(headers), worker_utc
+    else:
+        assert peeked.v1_body is not None
+        args, kwargs, embed, req, utc = _from_v1(peeked.v1_body, headers, saferepr)
+
+    task_id = req.get("id")
+    if task_id is None:
+        raise InvalidTaskMessage("task message has no id")
+    task_name = req.get("task") or peeked.task
+    name = req.get("shadow") or task_name
+
+    eta = _parse_time(req.get("eta"), "ETA", worker_tz)
+    expires = _parse_time(req.get("expires"), "expires", worker_tz)
+    info = {
+        "exchange": delivery_info.get("exchange"),
+        "routing_key": delivery_info.get("routing_key"),
+        "priority": properties.get("priority"),
+        "redelivered": delivery_info.get("redelivered", False),
+    }
+    req.update(
+        properties=dict(properties),
+        reply_to=properties.get("reply_to"),
+        correlation_id=properties.get("correlation_id"),
+        delivery_info=info,
+        args=args,
+        kwargs=kwargs,
+    )
+    retries = req.get("retries") or 0
+    ignore_result = req.get("ignore_result")
+    return TaskMessage(
+        task=task_name,
+        id=task_id,
+        name=name,
+        args=args,
+        kwargs=kwargs,
+        embed=embed,
+        request=req,
+        delivery_info=info,
+        eta=eta,
+        expires=expires,
+        utc=utc,
+        argsrepr=req.get("argsrepr") or "",
+        kwargsrepr=req.get("kwargsrepr") or "",
+        root_id=req.get("root_id"),
+        parent_id=req.get("parent_id"),
+        retries=retries if isinstance(retries, int) else 0,
+        timelimit=req.get("timelimit"),
+        ignore_result=ignore_result if isinstance(ignore_result, bool) else None,
+    )
+
+
+def _split_v2_body(payload: Any) -> tuple[Any, dict[str, Any], Mapping[str, Any]]:
+    """``[args, kwargs, embed]`` (A8), validated where Celery 5.7 would crash."""
+    if not isinstance(payload, (list, tuple)) or len(payload) != 3:
+        raise InvalidTaskMessage("task body is not a [args, kwargs, embed] list")
+    args, kwargs, embed = payload
+    if not isinstance(args, (list, tuple)):
+        raise InvalidTaskMessage("Task positional arguments must be a list")
+    if not isinstance(kwargs, dict):
+        raise InvalidTaskMessage("Task keyword arguments is not a mapping")
+    if embed is None:
+        embed = _EMPTY_EMBED
+    elif not isinstance(embed, dict):
+        raise InvalidTaskMessage("task embed is not a mapping")
+    return args, kwargs, embed
+
+
+def _v1_args(body: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    args, kwargs = body.get("args", ()), body.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise InvalidTaskMessage("Task keyword arguments must be a mapping")
+    if not isinstance(args, (list, tuple)):
+        raise InvalidTaskMessage("Task positional arguments must be a list")
+    return args, kwargs
+
+
+def _v1_embed(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "callbacks": body.get("callbacks"),
+        "errbacks": body.get("errbacks"),
+        "chord": body.get("chord"),
+        "chain": None,
+    }
+
+
+def _from_hybrid(body: dict[str, Any], headers: dict[str, Any]):
+    """A v2 header set with a v1-style dict body: headers win (A14)."""
+    args, kwargs = _v1_args(body)
+    req = {
+        key: body.get(key)
+        for key in ("lang", "task", "id", "root_id", "parent_id", "group", "meth",
+                    "shadow", "eta", "expires", "argsrepr", "kwargsrepr", "origin")
+    }
+    req["retries"] = body.get("retries", 0)
+    req["timelimit"] = body.get("timelimit", (None, None))
+    req.update(headers)
+    return args, kwargs, _v1_embed(body), req, body.get("utc", True)
+
+
+def _from_v1(body: dict[str, Any], headers: Mapping[str, Any],
+             saferepr: Callable[[Any], str]):
+    """Protocol v1: everything is in the body (A13)."""
+    args, kwargs = _v1_args(body)
+    req = dict(body)
+    req.update(argsrepr=saferepr(args), kwargsrepr=saferepr(kwargs), headers=headers)
+    if "taskset" in req:
+        req["group"] = req["taskset"]
+    return args, kwargs, _v1_embed(body), req, body.get("utc", True)
+
+
+def _parse_time(value: Any, what: str, worker_tz: tzinfo | None) -> datetime | None:
+    """ISO-8601 eta/expires (A16); naive values are UTC, then shown in the worker tz."""
+    if not value:
+        return None
+    if isinstance(value, datetime):
+        parsed = value
+    else:
+        try:
+            parsed = parse_iso8601(value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidTaskMessage(f"invalid {what} value {value!r}: {exc}") from None
+    if parsed.tzinfo is None or parsed.tzinfo.utcoffset(parsed) is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+        if worker_tz is not None:
+            parsed = parsed.astimezone(worker_tz)
+    return parsed
+
+
+def parse_iso8601(text: Any) -> datetime:
+    """Parse the ISO-8601 forms producers send (``datetime.isoformat`` and 'Z')."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected a string, got {type(text).__name__}")
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        if text.endswith(("Z", "z")):
+            return datetime.fromisoformat(text[:-1] + "+00:00")
+        raise
