@@ -1,0 +1,18 @@
+"""Ordinary tasks: nothing here knows which worker runs it."""
+
+from celery import shared_task
+
+
+@shared_task
+def add(x, y):
+    return x + y
+
+
+@shared_task(bind=True)
+def whoami(self):
+    return {"task_id": self.request.id, "worker": self.request.hostname}
+
+
+@shared_task
+def divide(x, y):
+    return x / y
