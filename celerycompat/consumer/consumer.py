@@ -87,6 +87,65 @@ class Request:
     def acks_late(self) -> bool:
         return bool(self.task.acks_late)
 
+    # The read-only surface of Celery's worker Request that ``task_received``
+    # receivers use (``request.id``, ``request.name``, ``request.args``...).
+
+    @property
+    def id(self) -> str:
+        return self.message.id
+
+    @property
+    def name(self) -> str:
+        return self.message.name
+
+    @property
+    def type(self) -> str:
+        return self.message.task
+
+    @property
+    def args(self) -> Any:
+        return self.message.args
+
+    @property
+    def kwargs(self) -> Any:
+        return self.message.kwargs
+
+    @property
+    def argsrepr(self) -> str:
+        return self.message.argsrepr
+
+    @property
+    def kwargsrepr(self) -> str:
+        return self.message.kwargsrepr
+
+    @property
+    def eta(self) -> Any:
+        return self.message.eta
+
+    @property
+    def expires(self) -> Any:
+        return self.message.expires
+
+    @property
+    def root_id(self) -> Any:
+        return self.message.root_id
+
+    @property
+    def parent_id(self) -> Any:
+        return self.message.parent_id
+
+    @property
+    def delivery_info(self) -> dict[str, Any]:
+        return self.message.delivery_info
+
+    @property
+    def request_dict(self) -> dict[str, Any]:
+        return self.message.request
+
+    @property
+    def hostname(self) -> Any:
+        return self.message.request.get("hostname")
+
 
 class Consumer:
     """The consumer loop. See the module docstring for what it owns."""
@@ -232,6 +291,7 @@ class Consumer:
             return self._on_invalid(delivery, exc)
         except wire.BodyUndecodable as exc:
             return self._on_decode_error(delivery, exc)
+        message.request["hostname"] = self.hostname
         request = Request(delivery, message, task, self.generation)
         self._on_task(request)
 

@@ -27,6 +27,7 @@ from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
 from celery import signals
 from celery._state import _task_stack
 from celery.app.task import Task, get_actual_ignore_result
+from celery.app.trace import task_has_custom
 from celery.canvas import group, maybe_signature
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.saferepr import saferepr
@@ -55,14 +56,6 @@ class RunSettings:
     logfile: str | None = None
 
 
-def _overrides(task: Task, name: str) -> bool:
-    """True when a Task subclass defines its own ``name`` hook (as Celery checks)."""
-    for cls in type(task).__mro__:
-        if name in cls.__dict__:
-            return cls is not Task
-    return False
-
-
 class TaskRunner:
     """Executes requests for one app. Thread-safe: pools call it concurrently.
 
@@ -87,11 +80,13 @@ class TaskRunner:
     def _task_hooks(self, task: Task):
         hooks = self._hooks.get(task.name)
         if hooks is None:
+            # Celery's own test, so a task with a custom ``__call__`` (or the
+            # worker's stack-protected one) is entered exactly as Celery does.
             hooks = (
-                task.before_start if _overrides(task, "before_start") else None,
-                task.on_success if _overrides(task, "on_success") else None,
-                task.after_return if _overrides(task, "after_return") else None,
-                task if _overrides(task, "__call__") else task.run,
+                task.before_start if task_has_custom(task, "before_start") else None,
+                task.on_success if task_has_custom(task, "on_success") else None,
+                task.after_return if task_has_custom(task, "after_return") else None,
+                task if task_has_custom(task, "__call__") else task.run,
             )
             self._hooks[task.name] = hooks
         return hooks
