@@ -1,0 +1,141 @@
+"""Native result writes for Celery's Redis backend (``redis://``, ``rediss://``,
+``sentinel://``) - contract B3, C9-C11.
+
+Celery stores a state with two round trips: ``GET`` the current meta (a
+stored SUCCESS is never overwritten, B3) then ``MULTI SETEX/SET + PUBLISH +
+EXEC``. The check and the write are not atomic, so a late FAILURE can still
+race a SUCCESS. We do both in one Lua script: one round trip, and atomic.
+
+The connection is the one the app's backend already configured
+(``backend.client``: URL, TLS, sentinel, pool size, credentials), and key
+names, TTLs and retry policy come from that same object, so nothing here can
+disagree with how a Celery client reads the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import states
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
+from redis.exceptions import WatchError
+
+from ..protocol import codecs
+from .base import NativeStore
+
+__all__ = ("RedisResultStore", "STORE_RESULT_LUA")
+
+#: KEYS[1] = task meta key; ARGV[1] = payload; ARGV[2] = TTL seconds (0 = none).
+#: Returns 1 written, 0 skipped (stored state is SUCCESS), -1 undecided (the
+#: stored value isn't Celery JSON, e.g. compressed by another worker): the
+#: caller then decodes it in Python and writes with WATCH/MULTI.
+#: A Celery JSON meta always starts with the status field, so the state can be
+#: read from the prefix without decoding a possibly large document.
+STORE_RESULT_LUA = """
+local current = redis.call('GET', KEYS[1])
+if current then
+    local head = '{"status": "'
+    if string.sub(current, 1, #head) ~= head then
+        return -1
+    end
+    if string.sub(current, #head + 1, #head + 8) == 'SUCCESS"' then
+        return 0
+    end
+end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+    redis.call('SETEX', KEYS[1], ttl, ARGV[1])
+else
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+#: Redis' maximum string value (Celery refuses larger payloads up front).
+MAX_VALUE_SIZE = 536870912
+
+WRITTEN, SKIPPED, UNDECIDED = 1, 0, -1
+
+
+class RedisResultStore(NativeStore):
+    """One-round-trip, SUCCESS-sticky meta writes on the app's Redis client.
+
+    Thread-safe: redis-py clients draw a connection from their pool per
+    command, the Lua ``Script`` object only caches its SHA, and the rest is
+    read-only after construction.
+    """
+
+    def __init__(self, app: Any, backend: Any) -> None:
+        super().__init__(app, backend)
+        self.client = backend.client
+        self.compression = backend.compression
+        self.expires = backend.expires
+        # Celery 5.7: FAILURE may expire on its own schedule; older versions
+        # lack the attribute and use result_expires for everything.
+        self.failure_expires = getattr(backend, "failure_expires", backend.expires)
+        # Prefix matching in Lua only understands uncompressed JSON.
+        self.lua_decides = self.encoder.serializer == "json" and not self.compression
+        self._script = self.client.register_script(STORE_RESULT_LUA)
+
+    def encode_meta(self, meta: dict) -> bytes:
+        """Serialize (and compress, C11) a meta document as Celery's ``encode``."""
+        payload = self.encoder.encode(meta)
+        if self.compression:
+            payload = codecs.compress_result_payload(payload, self.compression)
+        return payload
+
+    def _store(
+        self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
+    ) -> None:
+        meta = self.encoder.meta(bytes_to_str(task_id), result, state, traceback, request)
+        payload = self.encode_meta(meta)
+        if len(payload) > MAX_VALUE_SIZE:
+            # Celery checks str length before sending (bytes payloads reach
+            # Redis and fail there); we check the bytes, for every serializer.
+            raise BackendStoreError(
+                "value too large for Redis backend", state=state, task_id=task_id
+            )
+        key = self.backend.get_key_for_task(task_id)
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        # backend.ensure = Celery's reconnect-and-retry policy for Redis errors.
+        self.backend.ensure(self._write, (key, payload, expires or 0))
+
+    def _write(self, key: bytes, payload: bytes, expires: int) -> None:
+        if self.lua_decides:
+            if self._script(keys=[key], args=[payload, expires]) != UNDECIDED:
+                return
+        self._write_watched(key, payload, expires)
+
+    def _write_watched(self, key: bytes, payload: bytes, expires: int) -> None:
+        """GET + decode with Celery's reader, then MULTI write unless SUCCESS.
+
+        WATCH makes it atomic (Celery's own check is not); a concurrent
+        writer just makes us look again.
+        """
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current = pipe.get(key)
+                    if current and self._is_success(current):
+                        pipe.unwatch()
+                        return
+                    pipe.multi()
+                    if expires:
+                        # SETEX like Celery (redis-py deprecates the helper)
+                        pipe.execute_command("SETEX", key, expires, payload)
+                    else:
+                        pipe.set(key, payload)
+                    pipe.publish(key, payload)
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
+
+    def _is_success(self, stored: bytes) -> bool:
+        # The backend's decode handles the in-band compression marker and the
+        # result accept list, exactly as Celery's pre-write GET does.
+        meta = self.backend.decode(stored)
+        return meta["status"] == states.SUCCESS
