@@ -1,0 +1,469 @@
+"""The ``ccworker`` command: ``celery [global options] worker [options]`` in one.
+
+Every option of ``celery worker`` 5.7 and every global option of ``celery``
+is accepted with the same names, types, choices, defaults and environment
+variables (``celery/bin/celery.py``, ``celery/bin/worker.py``,
+``celery/bin/base.py``), in any order, so a ``celery`` command line keeps
+working with the program name replaced: ``ccworker -A proj worker -l INFO``
+(the literal ``worker`` is ignored), ``ccworker -l INFO -A proj``, trailing
+``key=value`` settings (``-- worker.prefetch_multiplier=1``).
+
+Why two parsing passes: the app may declare its own click options
+(``app.user_options['preload']`` and ``['worker']``) which can only be known
+after ``-A`` is imported. Celery gets this for free because its group
+callback loads the app before the ``worker`` sub-command's options are
+parsed. ccworker is one command, so pass 1 reads the known options while
+letting unknown ones through (to find ``-A``, ``--workdir`` and friends),
+the app is loaded, and pass 2 parses strictly with the app's options added.
+Unknown options are then a usage error, as in Celery.
+
+Environment variables, as Celery's ``auto_envvar_prefix="CELERY"`` gives
+them: global options read ``APP``/``CELERY_APP``, ``BROKER_URL``/
+``CELERY_BROKER``, ``RESULT_BACKEND``/``CELERY_RESULT_BACKEND``,
+``LOADER``/``CELERY_LOADER``, ``CONFIG_MODULE``/``CELERY_CONFIG``,
+``CELERY_WORKDIR``, ``NO_COLOR``/``CELERY_NO_COLOR``, ``CELERY_QUIET``,
+``SKIP_CHECKS``/``CELERY_SKIP_CHECKS``; worker options read
+``CELERY_WORKER_<OPTION>`` (e.g. ``CELERY_WORKER_LOGLEVEL``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import click
+from click.core import ParameterSource
+
+from celerycompat import __version__, apploader, logsetup
+from celerycompat import options as opts
+from celerycompat.nodenames import expand_nodename
+
+PROG = "ccworker"
+WORKER_ENV_PREFIX = "CELERY_WORKER"
+LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40,
+              "CRITICAL": 50, "FATAL": 50}
+
+
+# --------------------------------------------------------------------------
+# Parameter types (the same accepted values and results as Celery's)
+
+
+class LogLevel(click.Choice):
+    """``-l``: a level name in any case, converted to its ``logging`` number."""
+
+    def __init__(self) -> None:
+        super().__init__(tuple(LOG_LEVELS))
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        name = super().convert(str(value).upper(), param, ctx)
+        return LOG_LEVELS[name]
+
+
+class CommaList(click.ParamType):
+    """``-Q a,b``: split on commas, items kept as written."""
+
+    name = "comma separated list"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[str]:
+        return opts.split_list(value)
+
+
+class Autoscale(click.ParamType):
+    """``--autoscale max,min`` (either order) or ``max``: ``(max, min)``."""
+
+    name = "<min workers>, <max workers>"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, int]:
+        if isinstance(value, tuple):
+            return value
+        parts = str(value).split(",")
+        if len(parts) > 2:
+            self.fail("Expected two comma separated integers or one integer."
+                      f"Got {len(parts)} instead.", param, ctx)
+        try:
+            numbers = [int(p) for p in parts] + ([0] if len(parts) == 1 else [])
+        except ValueError:
+            self.fail(f"Expected comma separated integers. Got {value} instead.", param, ctx)
+        high, low = sorted(numbers, reverse=True)
+        return high, low
+
+
+class Nodename(click.ParamType):
+    """``-n``: kept as written (expanded later), but a bad ``%x`` fails here."""
+
+    name = "hostname"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        try:
+            expand_nodename(value)
+        except ValueError as exc:
+            self.fail(str(exc).strip(), param, ctx)
+        return value
+
+
+def _check_concurrency(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """``-c``: a non-negative integer or ``auto``; the app-dependent fallback
+    to ``worker_concurrency`` happens in :mod:`celerycompat.options`."""
+    if not value:
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if number < 0:
+        raise click.BadParameter(f"must be a non-negative integer or 'auto', got {value!r}",
+                                 ctx=ctx, param=param)
+    return value
+
+
+# --------------------------------------------------------------------------
+# The options
+
+
+def _global(*decls: str, envvar: Optional[str] = None, **kw: Any) -> click.Option:
+    """A ``celery`` global option: its own env var, then ``CELERY_<NAME>``."""
+    option = click.Option(decls, **kw)
+    names = [envvar] if envvar else []
+    names.append(f"CELERY_{option.name.upper()}")
+    option.envvar = names
+    option.allow_from_autoenv = False  # not CELERY_WORKER_<NAME>
+    return option
+
+
+GLOBAL_NAMES = ("app", "broker", "result_backend", "loader", "config", "workdir",
+                "no_color", "quiet", "version", "skip_checks")
+
+
+def global_params() -> list[click.Parameter]:
+    """``celery --help`` "Global Options" (``celery/bin/celery.py``)."""
+    return [
+        _global("-A", "--app", envvar="APP", type=click.UNPROCESSED,
+                help="module, module:attr or module.attr of the Celery app."),
+        _global("-b", "--broker", envvar="BROKER_URL", help="Overrides broker_url."),
+        _global("--result-backend", envvar="RESULT_BACKEND", help="Overrides result_backend."),
+        _global("--loader", envvar="LOADER", help="Loader class."),
+        _global("--config", envvar="CONFIG_MODULE", help="Configuration module name."),
+        _global("--workdir", type=click.Path(), help="Change to this directory first."),
+        _global("-C", "--no-color", envvar="NO_COLOR", is_flag=True, help="No colors."),
+        _global("-q", "--quiet", is_flag=True, help="Less output."),
+        _global("--version", is_flag=True, help="Print ccworker and Celery versions."),
+        _global("--skip-checks", envvar="SKIP_CHECKS", is_flag=True,
+                help="Skip Django core checks on startup."),
+    ]
+
+
+def worker_params() -> list[click.Parameter]:
+    """``celery worker --help`` (``celery/bin/worker.py`` and the daemon
+    options of ``celery/bin/base.py``), same names, types and defaults."""
+    o = click.Option
+    return [
+        o(["-n", "--hostname"], type=Nodename(),
+          help="Set custom hostname (e.g., 'w1@%h'). Expands: %h (hostname), "
+               "%n (name) and %d, (domain)."),
+        o(["-D", "--detach"], is_flag=True, default=False,
+          help="Start worker as a background process (not supported yet)."),
+        o(["-S", "--statedb"], type=click.Path(), help="Path to the state database."),
+        o(["-l", "--loglevel"], default="WARNING", type=LogLevel(), help="Logging level."),
+        o(["-O", "--optimization"], default="default", type=click.Choice(("default", "fair")),
+          help="Apply optimization profile."),
+        o(["--prefetch-multiplier"], type=int, metavar="<prefetch multiplier>",
+          help="Set custom prefetch multiplier value for this worker instance."),
+        o(["--disable-prefetch"], is_flag=True, default=None,
+          help="Disable broker prefetching (Redis only)."),
+        o(["-c", "--concurrency"], type=str, metavar="<concurrency>",
+          callback=_check_concurrency,
+          help="Number of pool slots; default: number of CPUs; or 'auto'."),
+        o(["-P", "--pool"], default="prefork", type=click.Choice(opts.pool_choices()),
+          help="Pool implementation (solo and threads run natively; others run on threads)."),
+        o(["-E", "--task-events", "--events"], is_flag=True, default=None,
+          help="Send task-related events."),
+        o(["--time-limit"], type=float, help="Hard time limit (seconds) for tasks."),
+        o(["--soft-time-limit"], type=float, help="Soft time limit (seconds) for tasks."),
+        o(["--max-tasks-per-child"], type=int,
+          help="Maximum number of tasks a pool worker can execute before it's replaced."),
+        o(["--pool-start-method"], type=click.Choice(["fork", "spawn"]),
+          help="Start method for prefork pool child processes."),
+        o(["--max-memory-per-child"], type=int,
+          help="Maximum resident memory (KiB) of a child before it is replaced."),
+        o(["--purge", "--discard"], is_flag=True, help="Purge consumed queues first."),
+        o(["--queues", "-Q"], type=CommaList()),
+        o(["--exclude-queues", "-X"], type=CommaList()),
+        o(["--include", "-I"], type=CommaList()),
+        o(["--without-gossip"], is_flag=True),
+        o(["--without-mingle"], is_flag=True),
+        o(["--without-heartbeat"], is_flag=True),
+        o(["--heartbeat-interval"], type=int),
+        o(["--autoscale"], type=Autoscale()),
+        o(["-B", "--beat"], is_flag=True, default=None),
+        o(["-s", "--schedule-filename", "--schedule"]),
+        o(["--scheduler"]),
+        o(["--logfile", "-f"], help="Log destination; defaults to stderr"),
+        o(["--pidfile"], help="PID file path; defaults to no PID file"),
+        o(["--uid"], help="Drops privileges to this user ID"),
+        o(["--gid"], help="Drops privileges to this group ID"),
+        o(["--umask"], help="Create files and directories with this umask"),
+        o(["--executable"], help="Override path to the Python executable"),
+    ]
+
+
+def build_command(extra: Sequence[click.Parameter] = (), lenient: bool = False) -> click.Command:
+    """The ``ccworker`` click command; ``extra`` are the app's own options.
+
+    ``lenient`` is pass 1: unknown options are let through (they may be the
+    app's) and ``--help`` waits for pass 2, which knows all options.
+    """
+    settings: dict[str, Any] = {"allow_extra_args": True}
+    if lenient:
+        settings["ignore_unknown_options"] = True
+    return click.Command(
+        PROG,
+        params=[*global_params(), *worker_params(), *extra],
+        context_settings=settings,
+        add_help_option=not lenient,
+        options_metavar="[OPTIONS] [worker] [-- KEY=VALUE ...]",
+        help="Start a ccworker (same options as `celery worker`).\n\n"
+             "\b\n  ccworker -A proj -l INFO\n  ccworker -A proj worker -l INFO -Q hipri,lopri",
+    )
+
+
+# --------------------------------------------------------------------------
+# Parsing
+
+
+@dataclass
+class CommandLine:
+    """Pass-2 result: the loaded app and every value as click gave it."""
+
+    app: Any
+    params: dict[str, Any]
+    explicit: frozenset[str]
+    """Options set on the command line or by environment variable."""
+    config_args: list[str]
+    """Trailing ``key=value`` settings (the literal ``worker`` removed)."""
+    preload_names: frozenset[str]
+    user_option_names: frozenset[str]
+    ctx: click.Context
+
+    @property
+    def worker_params(self) -> dict[str, Any]:
+        """What Celery's ``worker`` callback gets: worker and user options,
+        plus the global ``-C``/``-q`` it forwards."""
+        drop = set(GLOBAL_NAMES) - {"no_color", "quiet"}
+        return {k: v for k, v in self.params.items() if k not in drop}
+
+
+def _context(command: click.Command, argv: Sequence[str],
+             resilient: bool = False) -> click.Context:
+    return command.make_context(PROG, list(argv), auto_envvar_prefix=WORKER_ENV_PREFIX,
+                                resilient_parsing=resilient)
+
+
+def _export_globals(params: dict[str, Any]) -> None:
+    """Celery hands ``--loader/-b/--result-backend/--config/--skip-checks`` to
+    the app through environment variables, before importing it; the app's
+    configuration reads them (``broker_url`` and ``result_backend`` at every
+    access, so they beat any setting), and so do child processes."""
+    exports = {"loader": "CELERY_LOADER", "broker": "CELERY_BROKER_URL",
+               "result_backend": "CELERY_RESULT_BACKEND", "config": "CELERY_CONFIG_MODULE"}
+    for name, variable in exports.items():
+        if params.get(name):
+            os.environ[variable] = params[name]
+    if params.get("skip_checks"):
+        os.environ["CELERY_SKIP_CHECKS"] = "true"
+
+
+def _load_app(ctx: click.Context, spec: Optional[str], workdir: Optional[str]) -> Any:
+    """:func:`apploader.load_app` with Celery's messages on failure (exit 2)."""
+    head = "\nUnable to load celery application.\n"
+    try:
+        return apploader.load_app(spec, workdir)
+    except ModuleNotFoundError as exc:
+        if exc.name != spec:
+            ctx.fail(f"{head}While trying to load the module {spec} the following "
+                     f"error occurred:\n{traceback.format_exc()}")
+        ctx.fail(f"{head}The module {exc.name} was not found.")
+    except AttributeError as exc:
+        ctx.fail(f"{head}{str(exc.args[0]).capitalize() if exc.args else exc}")
+    except Exception:
+        ctx.fail(f"{head}While trying to load the module {spec} the following "
+                 f"error occurred:\n{traceback.format_exc()}")
+
+
+def _user_options(app: Any) -> tuple[list[click.Parameter], list[click.Parameter]]:
+    user = getattr(app, "user_options", None) or {}
+    return list(user.get("preload", ())), list(user.get("worker", ()))
+
+
+def version_text() -> str:
+    import celery
+    return f"celerycompat {__version__} (celery {celery.__version__})"
+
+
+def parse_command_line(argv: Sequence[str]) -> CommandLine:
+    """Both parsing passes, with the side effects Celery has on the way:
+    ``--version`` exits, ``--workdir`` is entered, globals are exported to the
+    environment and the app is imported.
+
+    Raises:
+        click.exceptions.Exit: after ``--version`` or ``--help``.
+        click.UsageError: unknown option, bad value, app not loadable.
+    """
+    # Pass 1 is resilient: a value it cannot convert may belong to an app
+    # option it does not know yet (``-Zlx`` is ``-Z lx``, not ``-l x``);
+    # pass 2 reports real errors.
+    first = _context(build_command(lenient=True), argv, resilient=True)
+    if first.params.get("version"):
+        click.echo(version_text())
+        first.exit(0)
+    _export_globals(first.params)
+    app = _load_app(first, first.params.get("app"), first.params.get("workdir"))
+    preload, worker_extra = _user_options(app)
+    ctx = _context(build_command([*preload, *worker_extra]), argv)
+    explicit = frozenset(
+        name for name in ctx.params
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT))
+    config_args = list(ctx.args)
+    if config_args and config_args[0] == "worker":
+        config_args.pop(0)
+    return CommandLine(
+        app=app, params=dict(ctx.params), explicit=explicit, config_args=config_args,
+        preload_names=frozenset(p.name for p in preload if p.name),
+        user_option_names=frozenset(p.name for p in [*preload, *worker_extra] if p.name),
+        ctx=ctx,
+    )
+
+
+def _send_preload(cl: CommandLine) -> None:
+    """``user_preload_options`` with the app's preload values, as Celery sends
+    it when the ``worker`` command starts (before ``key=value`` settings)."""
+    from celery.signals import user_preload_options
+
+    values = {name: cl.params[name] for name in sorted(cl.preload_names) if name in cl.params}
+    if values:
+        user_preload_options.send(sender=main, app=cl.app, options=values)
+
+
+def _apply_config_args(cl: CommandLine) -> None:
+    """Trailing ``key=value`` settings through Celery's own parser, with the
+    ``worker`` namespace for ``.key``/``_key`` (wire contract H3)."""
+    if not cl.config_args:
+        return
+    try:
+        cl.app.config_from_cmdline(cl.config_args, namespace="worker")
+    except (KeyError, ValueError) as exc:
+        raise click.UsageError("Unable to parse extra configuration from command line.\n"
+                               f"Reason: {exc}", ctx=cl.ctx) from exc
+
+
+def build_worker_options(argv: Sequence[str], boot: bool = False) -> opts.WorkerOptions:
+    """Command line -> :class:`WorkerOptions`, in ``celery worker``'s order.
+
+    With ``boot`` the app is also made ready for work: privileges dropped
+    (``--uid/--gid``), task modules imported (``import_modules``, Django
+    setup, autodiscovery), app finalized, ``celeryd_init`` before and
+    ``worker_init`` after option resolution (see :mod:`celerycompat.apploader`).
+    """
+    cl = parse_command_line(argv)
+    app = cl.app
+    args = opts.worker_arguments(app, cl.worker_params)
+    _send_preload(cl)
+    app.conf.worker_disable_prefetch = args.pop("disable_prefetch")
+    _apply_config_args(cl)
+    instance = None
+    if boot:
+        from celery.platforms import maybe_drop_privileges
+
+        maybe_drop_privileges(uid=args.get("uid"), gid=args.get("gid"))
+        instance = apploader.prepare_app_for_worker(app, args["hostname"], args)
+    try:
+        options = opts.resolve_worker_options(app, args, cl.explicit, cl.user_option_names)
+    except ValueError as exc:
+        raise click.UsageError(str(exc), ctx=cl.ctx) from exc
+    if boot:
+        from celery.exceptions import ImproperlyConfigured
+
+        from celerycompat.consumer.queues import select_queues
+
+        try:
+            options.consume_queues = select_queues(
+                app, options.queues, options.exclude_queues, options.nodename)
+        except ImproperlyConfigured as exc:
+            raise click.UsageError(str(exc), ctx=cl.ctx) from exc
+        apploader.init_worker_side(options, instance)
+    return options
+
+
+def parse_worker_options(argv: Sequence[str]) -> opts.WorkerOptions:
+    """Command line -> :class:`WorkerOptions` without booting the app (tests,
+    tooling): the app is imported and configured, no task modules imported."""
+    return build_worker_options(argv, boot=False)
+
+
+# --------------------------------------------------------------------------
+# Running
+
+
+Runner = Callable[[opts.WorkerOptions], int]
+
+
+def _default_runner(options: opts.WorkerOptions) -> int:
+    from celerycompat import worker  # imported late: pulls in the whole worker
+
+    return worker.run(options)
+
+
+def run(argv: Sequence[str], runner: Optional[Runner] = None) -> int:
+    """Start a worker from ``argv``; returns the exit code.
+
+    Order after booting (as Celery's ``Worker`` does it): logging through
+    ``app.log`` (nodename-formatted logfile, ``setup_logging`` signals), one
+    warning per ignored flag, the pidfile (refuses to start while its pid is
+    alive, removed at exit), stdout/stderr redirected to the log
+    (``worker_redirect_stdouts``; banners belong on ``sys.__stdout__``),
+    then the worker.
+    """
+    from celery.platforms import create_pidlock
+
+    options = build_worker_options(argv, boot=True)
+    custom_logging = logsetup.setup_logging(options)
+    logsetup.warn_unsupported(options.unsupported)
+    pidlock = create_pidlock(options.pidfile) if options.pidfile else None
+    try:
+        logsetup.redirect_stdouts(options, custom_logging)
+        return int((runner or _default_runner)(options) or 0)
+    finally:
+        if pidlock is not None:
+            pidlock.release()
+
+
+def main(argv: Optional[Sequence[str]] = None, runner: Optional[Runner] = None) -> None:
+    """Console-script entry point: ``ccworker`` and ``python -m celerycompat``.
+
+    Exits with the worker's code; usage errors exit 2 after click's message,
+    ``SecurityError`` (root with pickle, failed privilege drop) exits 1.
+    """
+    from celery.exceptions import SecurityError
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = run(args, runner)
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        code = 1
+    except SecurityError as exc:
+        click.echo(exc.args[0] if exc.args else str(exc), err=True)
+        code = 1
+    sys.exit(code)

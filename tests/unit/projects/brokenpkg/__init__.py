@@ -1,0 +1,1 @@
+"""A package whose ``celery.py`` fails to import."""

@@ -1,0 +1,2 @@
+"""A module without any Celery app."""
+VALUE = 1

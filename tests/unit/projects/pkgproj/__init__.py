@@ -1,0 +1,1 @@
+"""``-A pkgproj``: a package whose app lives in ``pkgproj/celery.py``."""
