@@ -75,11 +75,13 @@ class Worker:
 
     def setup(self) -> None:
         app, options = self.app, self.options
-        queues = select_queues(app, options.queues, options.exclude_queues, self.nodename)
+        queues = options.consume_queues or select_queues(
+            app, options.queues, options.exclude_queues, self.nodename)
         signals.celeryd_after_setup.send(sender=self.nodename, instance=self, conf=app.conf)
         store = result_store_for(app)
-        runner = TaskRunner(app, store, RunSettings(
-            hostname=self.nodename, loglevel=options.loglevel, logfile=options.logfile))
+        runner = TaskRunner(app, RunSettings(
+            hostname=self.nodename, loglevel=options.loglevel,
+            logfile=getattr(options, "logfile_path", options.logfile)), result_store_for)
         self.pool = make_pool(options)
         self.pool.start()
         self.consumer = Consumer(
@@ -127,7 +129,9 @@ class Worker:
             sig = signal.Signals(signum).name
             signals.worker_shutting_down.send(sender=self.nodename, sig=sig, how=how,
                                               exitcode=exitcode)
-            print(f"\nworker: {how} shutdown (MainProcess)", file=sys.stderr, flush=True)
+            # The real stderr: sys.stderr is redirected into the log, and
+            # Celery prints this line outside the log format too.
+            print(f"\nworker: {how} shutdown (MainProcess)", file=sys.__stderr__, flush=True)
         if self.consumer is not None:
             self.consumer.should_stop = True
 

@@ -61,13 +61,15 @@ class TaskRunner:
 
     Args:
         app: the user's Celery app.
-        store: where results go (see `celerycompat.backends`).
+        store_for: ``(app, backend) -> ResultStore`` (`celerycompat.backends.result_store_for`).
         settings: worker-wide run settings.
     """
 
-    def __init__(self, app: Any, store: Any, settings: RunSettings) -> None:
+    def __init__(self, app: Any, settings: RunSettings,
+                 store_for: Callable[[Any, Any], Any]) -> None:
         self.app = app
-        self.store = store
+        self._store_for = store_for
+        self._stores: dict[int, Any] = {}
         self.settings = settings
         self.loader = app.loader
         self.pid = os.getpid()
@@ -90,6 +92,18 @@ class TaskRunner:
             )
             self._hooks[task.name] = hooks
         return hooks
+
+    def store(self, task: Task) -> Any:
+        """The result store for ``task.backend``.
+
+        ``app.backend`` is per thread in Celery (and a task may name its own
+        backend), so the store follows the backend object the task would use.
+        """
+        backend = task.backend
+        store = self._stores.get(id(backend))
+        if store is None or store.backend is not backend:
+            store = self._stores[id(backend)] = self._store_for(self.app, backend)
+        return store
 
     # -- one run ---------------------------------------------------------------
 
@@ -127,7 +141,7 @@ class TaskRunner:
                                          args=args, kwargs=kwargs)
             self.loader.on_task_init(task_id, task)
             if task.track_started and store_result:
-                self.store.mark_as_started(
+                self.store(task).mark_as_started(
                     task_id, {"pid": self.pid, "hostname": self.settings.hostname},
                     context,
                 )
@@ -191,7 +205,7 @@ class TaskRunner:
         try:
             self._dispatch_callbacks_and_chain(task, context, message, retval)
             callbacks_sent = True
-            self.store.mark_as_done(message.id, retval, context, store_result)
+            self.store(task).mark_as_done(message.id, retval, context, store_result)
         except (EncodeError, OperationalError) as exc:
             if callbacks_sent and isinstance(exc, OperationalError):
                 raise
@@ -263,7 +277,7 @@ class TaskRunner:
     def _on_retry(self, task: Task, context: Any, exc: Retry, ignore_result: bool) -> Outcome:
         einfo = ExceptionInfo(sys.exc_info())
         if self._store_errors(task, ignore_result):
-            self.store.mark_as_retry(context.id, exc.exc, einfo.traceback, context)
+            self.store(task).mark_as_retry(context.id, exc.exc, einfo.traceback, context)
         task.on_retry(exc.exc, context.id, context.args, context.kwargs, einfo)
         signals.task_retry.send(sender=task, request=context, reason=exc, einfo=einfo)
         data = {"id": context.id, "name": self._name(task, context), "exc": str(exc)}
@@ -277,7 +291,7 @@ class TaskRunner:
             exc.__traceback__ = sys.exc_info()[2]
         exc_type = get_pickleable_etype(type(orig_exc))
         einfo = ExceptionInfo(exc_info=(exc_type, exc, exc.__traceback__), internal=internal)
-        self.store.mark_as_failure(
+        self.store(task).mark_as_failure(
             context.id, exc, einfo.traceback, context,
             store_result=self._store_errors(task, ignore_result),
             call_errbacks=True,
@@ -291,7 +305,7 @@ class TaskRunner:
 
     def _store_reject(self, task: Task, context: Any, exc: Reject, ignore_result: bool) -> None:
         """Reject(requeue=False) is a terminal FAILURE in 5.7 (B8), with no traceback."""
-        self.store.mark_as_failure(context.id, exc, None, context,
+        self.store(task).mark_as_failure(context.id, exc, None, context,
                                    store_result=self._store_errors(task, ignore_result),
                                    call_errbacks=True)
         signals.task_failure.send(sender=task, task_id=context.id, exception=exc,

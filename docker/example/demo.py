@@ -32,7 +32,10 @@ def main() -> int:
     try:
         _wait_ready(worker)
         from celery import chain
+        from proj.celery import app  # the project's app: shared_task binds to it
         from proj.tasks import add, divide, whoami
+
+        app.set_current()
 
         print(f"add(2, 3)           -> {add.delay(2, 3).get(timeout=10)}")
         print(f"whoami()            -> {whoami.delay().get(timeout=10)}")
