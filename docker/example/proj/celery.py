@@ -18,10 +18,11 @@ app.conf.update(
     task_track_started=True,
 )
 if app.conf.broker_url.startswith("filesystem"):
-    for sub in ("queue", "results"):
+    for sub in ("queue", "results", "control"):
         os.makedirs(os.path.join(DATA, sub), exist_ok=True)
     app.conf.broker_transport_options = {
         "data_folder_in": os.path.join(DATA, "queue"),
         "data_folder_out": os.path.join(DATA, "queue"),
+        "control_folder": os.path.join(DATA, "control"),
         "polling_interval": 0.05,
     }
