@@ -215,10 +215,25 @@ def prepare_app_for_worker(app: Celery, nodename: str, worker_kwargs: Mapping[st
     app.loader.init_worker()
     setup_worker_optimizations(app, nodename)
     options = {k: v for k, v in worker_kwargs.items() if k not in _NOT_WORKER_KWARGS}
+    options.setdefault("pool_cls", _celery_pool_class(options.get("pool")))
     signals.celeryd_init.send(sender=nodename, instance=instance, conf=app.conf,
                               options=options)
     check_privileges(app.conf.accept_content)
     return instance
+
+
+def _celery_pool_class(pool: Any) -> Any:
+    """The pool class ``celery worker`` passes as ``pool_cls`` (its ``-P`` type resolves it).
+
+    ``celeryd_init`` receivers see the class of the pool that was *asked
+    for*, as under Celery, even while ccworker runs another one.
+    """
+    from celery import concurrency
+
+    try:
+        return concurrency.get_implementation(pool or "prefork")
+    except Exception:  # a custom pool that does not import here: keep its name
+        return pool
 
 
 def import_includes(app: Celery, include: list[str]) -> None:

@@ -447,6 +447,8 @@ class Consumer:
         signals.task_rejected.send(sender=self, message=delivery.handle, exc=exc)
 
     def _on_decode_error(self, delivery: Delivery, exc: BaseException) -> None:
+        if isinstance(exc, wire.BodyUndecodable) and exc.args:
+            exc = exc.args[0]  # log kombu's DecodeError itself, as Celery does
         logger.critical(DECODE_ERROR, exc, delivery.content_type, delivery.content_encoding,
                         saferepr(delivery.headers), dump_body(delivery), exc_info=True)
         if self.broker is not None and delivery.handle is not None:
@@ -458,7 +460,8 @@ class Consumer:
     def _on_unknown_task(self, delivery: Delivery, peeked: wire.Peeked) -> None:
         """A25: reject, store FAILURE NotRegistered, signal ``task_unknown``."""
         name, task_id = peeked.task, peeked.id
-        logger.error(UNKNOWN_TASK, name, dump_body(delivery), delivery.headers,
+        # Celery logs the KeyError of its strategy lookup, so the name is quoted.
+        logger.error(UNKNOWN_TASK, KeyError(name), dump_body(delivery), delivery.headers,
                      delivery.delivery_info, exc_info=True)
         self._reject_delivery(delivery)
         request = _UnknownTaskRequest(
