@@ -1,0 +1,1 @@
+"""The project the benchmarks run: no-op tasks, configured from the environment."""
