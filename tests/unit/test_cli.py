@@ -361,8 +361,11 @@ def test_preload_option_needs_the_app(projects) -> None:
 
 #: What ``celeryd_init`` receivers get as ``options`` (Celery's ``Worker``
 #: keywords minus ``hostname``/``quiet``; Celery also adds ``pool_cls=None``).
+#: What a real ``celery worker`` 5.7 passes as ``celeryd_init(options=...)``
+#: (seen by tests/interop/test_foundation_differential.py::test_hook_and_signal_order):
+#: ``pool`` *and* ``pool_cls``.
 CELERYD_INIT_OPTIONS = [
-    "template", "monitoring", "loglevel", "logfile", "pidfile", "statedb", "no_color",
+    "pool_cls", "template", "monitoring", "loglevel", "logfile", "pidfile", "statedb", "no_color",
     "queues", "autoscale", "detach", "optimization", "prefetch_multiplier", "concurrency",
     "pool", "task_events", "time_limit", "soft_time_limit", "max_tasks_per_child",
     "pool_start_method", "max_memory_per_child", "purge", "exclude_queues", "include",
