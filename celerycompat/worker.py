@@ -86,7 +86,7 @@ class Worker:
         self.pool.start()
         self.consumer = Consumer(
             app=app,
-            broker_factory=lambda: KombuBroker(app.connection_for_read()),
+            broker_factory=self._broker,
             pool=self.pool,
             runner=runner,
             store=store,
@@ -96,6 +96,12 @@ class Worker:
             prefetch_multiplier=options.prefetch_multiplier,
             purge=options.purge,
         )
+
+    def _broker(self) -> KombuBroker:
+        """A fresh broker connection, with the AMQP heartbeat Celery's consumer asks for."""
+        conf = self.app.conf
+        return KombuBroker(self.app.connection_for_read(heartbeat=conf.broker_heartbeat),
+                           heartbeat_rate=conf.broker_heartbeat_checkrate)
 
     def on_ready(self) -> None:
         signals.worker_ready.send(sender=self.consumer)

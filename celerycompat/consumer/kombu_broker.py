@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from typing import Any, Sequence
 
 from kombu import Connection, Consumer
@@ -31,8 +32,11 @@ class KombuBroker:
             as Celery does on RabbitMQ >= 3.3 with classic queues.
     """
 
-    def __init__(self, connection: Connection, *, qos_global: bool | None = None) -> None:
+    def __init__(self, connection: Connection, *, qos_global: bool | None = None,
+                 heartbeat_rate: float = 2.0) -> None:
         self.connection = connection
+        self._heartbeat_rate = heartbeat_rate
+        self._next_heartbeat_check = 0.0
         self.url_for_log = connection.as_uri()
         self._qos_global = qos_global
         self._consumer: Consumer | None = None
@@ -110,10 +114,29 @@ class KombuBroker:
         return (major, minor) >= (3, 3)
 
     def poll(self, timeout: float) -> None:
+        self._maybe_heartbeat()
         try:
             self.connection.drain_events(timeout=timeout)
         except socket.timeout:
             pass
+
+    def _maybe_heartbeat(self) -> None:
+        """AMQP heartbeats, ``broker_heartbeat_checkrate`` times per interval.
+
+        Sending them keeps RabbitMQ from closing an idle worker's connection;
+        checking them is how a silently dead connection is noticed (it raises
+        a connection error, and the consumer reconnects).
+        """
+        interval = self.connection.heartbeat
+        if not interval or not self.connection.supports_heartbeats:
+            return
+        now = time.monotonic()
+        if now >= self._next_heartbeat_check:
+            # A tick only compares clocks (and sends when one is due), so a
+            # cheap once-a-second tick never lets the negotiated interval
+            # (often shorter than the one asked for) lapse.
+            self._next_heartbeat_check = now + min(1.0, interval / max(self._heartbeat_rate, 1.0))
+            self.connection.heartbeat_check(rate=self._heartbeat_rate)
 
     def ack(self, delivery: Delivery) -> None:
         message: Message = delivery.handle
