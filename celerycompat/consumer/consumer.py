@@ -28,7 +28,7 @@ from kombu.exceptions import ContentDisallowed
 
 from celerycompat.consumer.broker import Broker, Delivery
 from celerycompat.execution.context import build_context, request_dict
-from celerycompat.execution.outcome import Outcome, Settle, settle
+from celerycompat.execution.outcome import Outcome, Settle, State, settle
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools.base import Pool
 from celerycompat.protocol import message as wire
@@ -350,8 +350,20 @@ class Consumer:
         task, message, runner, done = request.task, request.message, self.runner, self._done
 
         def job() -> None:
-            outcome = runner.run(task, message)
-            done.put((request, outcome))
+            # Whatever happens (a result backend that is down, a bug of
+            # ours), the slot must be given back and the message settled,
+            # or the worker silently loses a slot for good.
+            outcome = Outcome(State.INTERNAL_ERROR)
+            try:
+                outcome = runner.run(task, message)
+            except BaseException as exc:
+                outcome = Outcome(State.INTERNAL_ERROR, exc)
+                logger.critical("Task %s[%s] INTERNAL ERROR: %r", message.name, message.id,
+                                exc, exc_info=True)
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                done.put((request, outcome))
 
         self.pool.submit(job)
         if self.pool.runs_inline:
