@@ -283,6 +283,8 @@ class WorkerSpec:
 
     Scenarios with the same spec share a worker within a test module; the
     spec is also what ``run_differential`` takes as keyword arguments.
+    ``{queue}`` in ``extra_flags`` stands for the worker's own queue name
+    (``ccit.<kind>.<token>``), which differs per side: ``-Q {queue},{queue}.b``.
     """
 
     project: str = "proj_basic"
@@ -330,6 +332,7 @@ class WorkerProcess:
         self.record_key = f"ccit.record.{self.token}"
         self.log_path = log_dir / f"{kind}-{broker.name}-{self.token}.log"
         self.proc: Optional[subprocess.Popen] = None
+        self._term_sent = False
         self.startup_records: list = []
         self.env = {
             "CC_TEST_BROKER": broker.url,
@@ -343,7 +346,10 @@ class WorkerProcess:
     # -- command line ------------------------------------------------------
 
     def command(self) -> list[str]:
-        flags = self.spec.flags(f"{self.node_prefix}@%h")
+        # ``{queue}`` in ``extra_flags`` is this worker's own queue name, so
+        # one spec can say ``-Q {queue},{queue}.second`` for both sides.
+        flags = [f.replace("{queue}", self.queue)
+                 for f in self.spec.flags(f"{self.node_prefix}@%h")]
         if self.kind in ("celery", "celery2"):
             return [sys.executable, "-m", "celery", "-A", self.spec.project, "worker", *flags]
         return [sys.executable, "-m", "celerycompat", "-A", self.spec.project, *flags]
@@ -425,13 +431,20 @@ class WorkerProcess:
         finally:
             client.close()
 
+    def request_stop(self) -> None:
+        """SIGTERM (warm shutdown) without waiting, once: lets a caller stop
+        many workers at the same time, then ``stop()`` each."""
+        if self.proc is not None and self.proc.poll() is None and not self._term_sent:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            self._term_sent = True
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> Optional[int]:
         """SIGTERM (warm shutdown), then SIGKILL to the group after ``timeout``."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.request_stop()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -545,7 +558,12 @@ class WorkerCache:
                 self._discard(worker)
 
     def close(self) -> None:
-        for worker in list(self._workers.values()):
+        workers = list(self._workers.values())
+        # Warm shutdowns overlap: a module's workers stop in about the time
+        # one takes, not one after the other.
+        for worker in workers:
+            worker.request_stop()
+        for worker in workers:
             self._discard(worker)
 
 
