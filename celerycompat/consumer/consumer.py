@@ -80,6 +80,8 @@ class Request:
     task: Any
     generation: int
     acked: bool = False
+    ack_pending: bool = False
+    """Counted as acked, but the broker ack is sent once the task is over (solo)."""
     time_start: float | None = None
     context: Any = field(default=None, repr=False)
 
@@ -346,7 +348,13 @@ class Consumer:
         request.time_start = time.time()
         self.active[id(request)] = request
         if not request.acks_late:
-            self._ack(request)
+            if self.pool.runs_inline:
+                # Celery queues the early ack for its next loop turn, which a
+                # solo pool reaches only after the task: the message stays
+                # un-acked (and is redelivered if the worker dies) meanwhile.
+                request.acked = request.ack_pending = True
+            else:
+                self._ack(request)
         task, message, runner, done = request.task, request.message, self.runner, self._done
 
         def job() -> None:
@@ -388,6 +396,9 @@ class Consumer:
     def _settle(self, request: Request, outcome: Outcome) -> None:
         self.active.pop(id(request), None)
         self.processed += 1
+        if request.ack_pending:
+            request.ack_pending = False
+            self._send_ack(request)
         decision = settle(
             outcome,
             acks_late=request.acks_late,
@@ -420,6 +431,9 @@ class Consumer:
         if request.acked:
             return
         request.acked = True
+        self._send_ack(request)
+
+    def _send_ack(self, request: Request) -> None:
         if request.generation != self.generation or self.broker is None:
             return  # its connection is gone; the broker has it back already
         try:

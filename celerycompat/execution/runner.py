@@ -117,7 +117,13 @@ class TaskRunner:
                 loglevel=self.settings.loglevel, logfile=self.settings.logfile,
             )
             context = build_context(message, req)
-            return self._trace(task, message, context, started)
+            outcome = self._trace(task, message, context, started)
+            if outcome.state is State.REJECTED and not outcome.requeue:
+                # Celery records this after the trace (task_postrun first),
+                # in the worker's handling of the rejection.
+                ignore_result = get_actual_ignore_result(task, context)
+                self._store_reject(task, context, outcome.retval, ignore_result)
+            return outcome
         except (MemoryError, KeyboardInterrupt, SystemExit):
             raise
         except Exception as exc:  # a failure outside the task body
@@ -152,8 +158,6 @@ class TaskRunner:
             except Reject as exc:
                 self._log_error(task, context, ExceptionInfo(internal=True), exc)
                 outcome = Outcome(State.REJECTED, exc, requeue=bool(exc.requeue))
-                if not exc.requeue:
-                    self._store_reject(task, context, exc, ignore_result)
             except Ignore as exc:
                 self._log_error(task, context, ExceptionInfo(internal=True), exc)
                 outcome = Outcome(State.IGNORED, exc)

@@ -134,8 +134,13 @@ def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any]
         else:
             args, kwargs, embed = _split_v2_body(payload)
             req, utc = dict(headers), worker_utc
+    elif "args" in peeked.v1_body:
+        # Celery 5.7 checks for ``args`` in the body first, so a v1 body
+        # that has them is read as a hybrid: header keys absent from the
+        # body become None (``lang``, ``meth``...) and ``utc`` stays out
+        # of the request.
+        args, kwargs, embed, req, utc = _from_hybrid(peeked.v1_body, headers)
     else:
-        assert peeked.v1_body is not None
         args, kwargs, embed, req, utc = _from_v1(peeked.v1_body, headers, saferepr)
 
     task_id = req.get("id")

@@ -65,7 +65,16 @@ def test_v1_message_from_real_client(app):
     out = parse(msg.headers, msg.body)
     assert (out.task, out.id) == ("proj.add", "abc")
     assert out.args == [2, 3] and out.kwargs == {"z": 1}
-    assert out.argsrepr  # v1 has none on the wire: the worker renders it
+    # Celery 5.7 reads a v1 body that has ``args`` as a hybrid message:
+    # header keys the body lacks are None, and ``utc`` is not in the request.
+    assert out.request["lang"] is None and out.request["meth"] is None
+    assert "utc" not in out.request
+
+
+def test_v1_body_without_args_uses_protocol_1_defaults():
+    out = parse({}, {"task": "t.x", "id": "1"})
+    assert out.args == () and out.kwargs == {}
+    assert out.argsrepr == "()"  # rendered by the worker, as proto1_to_proto2 does
 
 
 def test_hybrid_headers_win():
