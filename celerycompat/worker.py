@@ -52,10 +52,10 @@ def make_decoder(accept: Any) -> wire.Decoder:
     return decode
 
 
-def make_pool(options: Any) -> Any:
+def make_pool(options: Any, runner: TaskRunner) -> Any:
     if options.pool == "solo":
-        return SoloPool(options.nodename)
-    return ThreadPool(options.concurrency)
+        return SoloPool(runner, options.nodename)
+    return ThreadPool(runner, options.concurrency)
 
 
 class Worker:
@@ -82,13 +82,12 @@ class Worker:
         runner = TaskRunner(app, RunSettings(
             hostname=self.nodename, loglevel=options.loglevel,
             logfile=getattr(options, "logfile_path", options.logfile)), result_store_for)
-        self.pool = make_pool(options)
+        self.pool = make_pool(options, runner)
         self.pool.start()
         self.consumer = Consumer(
             app=app,
             broker_factory=self._broker,
             pool=self.pool,
-            runner=runner,
             store=store,
             queues=queues,
             decode=make_decoder(app.conf.accept_content),

@@ -28,8 +28,7 @@ from kombu.exceptions import ContentDisallowed
 
 from celerycompat.consumer.broker import Broker, Delivery
 from celerycompat.execution.context import build_context, request_dict
-from celerycompat.execution.outcome import Outcome, Settle, State, settle
-from celerycompat.execution.runner import TaskRunner
+from celerycompat.execution.outcome import Outcome, Settle, settle
 from celerycompat.pools.base import Pool
 from celerycompat.protocol import message as wire
 
@@ -153,14 +152,13 @@ class Consumer:
     """The consumer loop. See the module docstring for what it owns."""
 
     def __init__(self, *, app: Any, broker_factory: Callable[[], Broker], pool: Pool,
-                 runner: TaskRunner, store: Any, queues: Sequence[Any],
+                 store: Any, queues: Sequence[Any],
                  decode: wire.Decoder, hostname: str, prefetch_multiplier: int,
                  purge: bool = False) -> None:
         self.app = app
         self.broker_factory = broker_factory
         self.broker: Broker | None = None
         self.pool = pool
-        self.runner = runner
         self.store = store
         self.queues = list(queues)
         self.decode = decode
@@ -355,25 +353,9 @@ class Consumer:
                 request.acked = request.ack_pending = True
             else:
                 self._ack(request)
-        task, message, runner, done = request.task, request.message, self.runner, self._done
-
-        def job() -> None:
-            # Whatever happens (a result backend that is down, a bug of
-            # ours), the slot must be given back and the message settled,
-            # or the worker silently loses a slot for good.
-            outcome = Outcome(State.INTERNAL_ERROR)
-            try:
-                outcome = runner.run(task, message)
-            except BaseException as exc:
-                outcome = Outcome(State.INTERNAL_ERROR, exc)
-                logger.critical("Task %s[%s] INTERNAL ERROR: %r", message.name, message.id,
-                                exc, exc_info=True)
-                if not isinstance(exc, Exception):
-                    raise
-            finally:
-                done.put((request, outcome))
-
-        self.pool.submit(job)
+        done = self._done
+        self.pool.apply(request.message.task, request.message,
+                        lambda outcome: done.put((request, outcome)))
         if self.pool.runs_inline:
             self._settle_finished()
 

@@ -33,11 +33,23 @@ class Settle(str, enum.Enum):
 
 @dataclass
 class Outcome:
+    """The result of one run, as the consumer needs it.
+
+    ``retval`` (the return value or the exception) is only meaningful in
+    the process that ran the task; everything else is plain data, so a
+    pool that runs tasks in child processes can send an Outcome back.
+    """
+
     state: State
     retval: Any = None
     runtime: float | None = None
     requeue: bool = False  # for State.REJECTED: the Reject's own flag
     is_timeout: bool = False
+    result_repr: str | None = None
+    """``saferepr`` of the return value (``task-succeeded.result``)."""
+    exception_repr: str | None = None
+    """``safe_repr`` of the exception (``task-failed/-retried.exception``)."""
+    traceback: str | None = None
 
 
 def settle(outcome: Outcome, *, acks_late: bool, acks_on_failure_or_timeout: bool) -> Settle:

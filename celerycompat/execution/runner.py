@@ -227,17 +227,18 @@ class TaskRunner:
                                  self._name(task, context), message.id, exc)
         if signals.task_success.receivers:
             signals.task_success.send(sender=task, result=retval, runtime=runtime)
+        result_repr = saferepr(retval, task.resultrepr_maxsize)
         if self._info_enabled:
             data = {
                 "id": message.id,
                 "name": self._name(task, context),
-                "return_value": saferepr(retval, task.resultrepr_maxsize),
+                "return_value": result_repr,
                 "runtime": runtime,
                 "args": context.get("argsrepr") or saferepr(message.args),
                 "kwargs": context.get("kwargsrepr") or saferepr(message.kwargs),
             }
             logger.info(LOG_SUCCESS, data, extra={"data": data})
-        return Outcome(State.SUCCESS, retval, runtime)
+        return Outcome(State.SUCCESS, retval, runtime, result_repr=result_repr)
 
     def _dispatch_callbacks_and_chain(self, task: Task, context: Any,
                                       message: TaskMessage, retval: Any) -> None:
@@ -286,7 +287,8 @@ class TaskRunner:
         signals.task_retry.send(sender=task, request=context, reason=exc, einfo=einfo)
         data = {"id": context.id, "name": self._name(task, context), "exc": str(exc)}
         logger.info(LOG_RETRY, data)
-        return Outcome(State.RETRY, exc)
+        return Outcome(State.RETRY, exc, exception_repr=saferepr(exc.exc),
+                       traceback=einfo.traceback)
 
     def _on_failure(self, task: Task, context: Any, orig_exc: BaseException,
                     ignore_result: bool, *, internal: bool = False) -> Outcome:
@@ -305,7 +307,8 @@ class TaskRunner:
                                   args=context.args, kwargs=context.kwargs,
                                   traceback=exc.__traceback__, einfo=einfo)
         self._log_error(task, context, einfo, exc)
-        return Outcome(State.INTERNAL_ERROR if internal else State.FAILURE, exc)
+        return Outcome(State.INTERNAL_ERROR if internal else State.FAILURE, exc,
+                       exception_repr=saferepr(exc), traceback=einfo.traceback)
 
     def _store_reject(self, task: Task, context: Any, exc: Reject, ignore_result: bool) -> None:
         """Reject(requeue=False) is a terminal FAILURE in 5.7 (B8), with no traceback."""

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from celery import signals
 
-from celerycompat.pools.base import Job
+from celerycompat.execution.runner import TaskRunner
+from celerycompat.pools.base import OnDone, run_guarded
+from celerycompat.protocol.message import TaskMessage
 
 
 class SoloPool:
     name = "celery.concurrency.solo:TaskPool"
     runs_inline = True
 
-    def __init__(self, hostname: str) -> None:
+    def __init__(self, runner: TaskRunner, hostname: str) -> None:
         self.limit = 1
+        self.runner = runner
         self.hostname = hostname
 
     def start(self) -> None:
@@ -24,8 +27,8 @@ class SoloPool:
         # projects use it to open per-process resources.
         signals.worker_process_init.send(sender=self.hostname)
 
-    def submit(self, job: Job) -> None:
-        job()
+    def apply(self, task_name: str, message: TaskMessage, on_done: OnDone) -> None:
+        run_guarded(self.runner, task_name, message, on_done)
 
     def stop(self, wait: bool = True) -> None:
         """Nothing runs in the background, so there is nothing to stop."""

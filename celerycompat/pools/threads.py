@@ -1,19 +1,19 @@
 """The threads pool: ``-P threads -c N`` runs tasks in N worker threads.
 
-Jobs go through one queue to long-lived threads (no per-task thread or
-future allocation). Completion is reported by the job itself, so the pool
-needs no result plumbing.
+Tasks go through one queue to long-lived threads (no per-task thread or
+future allocation). Completion is reported through ``on_done``, so the
+pool needs no result plumbing of its own.
 """
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
+from typing import Any
 
-from celerycompat.pools.base import Job
-
-logger = logging.getLogger(__name__)
+from celerycompat.execution.runner import TaskRunner
+from celerycompat.pools.base import OnDone, run_guarded
+from celerycompat.protocol.message import TaskMessage
 
 _STOP = object()
 
@@ -22,9 +22,10 @@ class ThreadPool:
     name = "celery.concurrency.thread:TaskPool"
     runs_inline = False
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, runner: TaskRunner, limit: int) -> None:
+        self.runner = runner
         self.limit = max(1, int(limit))
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -36,17 +37,15 @@ class ThreadPool:
             self._threads.append(thread)
 
     def _work(self) -> None:
+        runner = self.runner
         while True:
             job = self._jobs.get()
             if job is _STOP:
                 return
-            try:
-                job()
-            except BaseException:  # a job must never kill its slot
-                logger.critical("Unhandled error in a pool thread", exc_info=True)
+            run_guarded(runner, *job)
 
-    def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+    def apply(self, task_name: str, message: TaskMessage, on_done: OnDone) -> None:
+        self._jobs.put((task_name, message, on_done))
 
     def stop(self, wait: bool = True) -> None:
         for _ in self._threads:

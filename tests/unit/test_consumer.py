@@ -55,12 +55,12 @@ def app():
 
 
 def start_consumer(app, store_for, pool_size=1):
-    pool = ThreadPool(pool_size)
-    pool.start()
     runner = TaskRunner(app, RunSettings(hostname="t@h"), store_for)
+    pool = ThreadPool(runner, pool_size)
+    pool.start()
     consumer = Consumer(
         app=app, broker_factory=lambda: KombuBroker(app.connection_for_read()),
-        pool=pool, runner=runner, store=store_for(app, app.backend),
+        pool=pool, store=store_for(app, app.backend),
         queues=list(app.amqp.queues.consume_from.values()),
         decode=make_decoder(app.conf.accept_content), hostname="t@h",
         prefetch_multiplier=4,
