@@ -392,7 +392,6 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
          "--max-memory-per-child (worker_max_memory_per_child)"),
         ("pool_start_method" in explicit, "--pool-start-method"),
         (bool(options.statedb), "-S/--statedb (worker_state_db)"),
-        (options.task_events, "-E/--task-events (worker_send_task_events)"),
         (options.umask is not None, "--umask"),
         (options.executable is not None, "--executable"),
     ]

@@ -25,6 +25,7 @@ from celerycompat.backends import result_store_for
 from celerycompat.consumer.consumer import Consumer
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.queues import select_queues
+from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.solo import SoloPool
 from celerycompat.pools.threads import ThreadPool
@@ -94,6 +95,8 @@ class Worker:
             hostname=self.nodename,
             prefetch_multiplier=options.prefetch_multiplier,
             purge=options.purge,
+            dispatcher=self._event_dispatcher(),
+            heartbeat_interval=None if options.without_heartbeat else options.heartbeat_interval,
         )
 
     def _broker(self) -> KombuBroker:
@@ -101,6 +104,14 @@ class Worker:
         conf = self.app.conf
         return KombuBroker(self.app.connection_for_read(heartbeat=conf.broker_heartbeat),
                            heartbeat_rate=conf.broker_heartbeat_checkrate)
+
+    def _event_dispatcher(self) -> EventDispatcher | None:
+        """Events are off altogether without -E, heartbeats and gossip (E18)."""
+        options = self.options
+        if not (options.task_events or not options.without_heartbeat
+                or not options.without_gossip):
+            return None
+        return EventDispatcher(self.app, self.nodename, task_events=options.task_events)
 
     def on_ready(self) -> None:
         signals.worker_ready.send(sender=self.consumer)

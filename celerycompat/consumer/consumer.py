@@ -27,6 +27,9 @@ from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed
 
 from celerycompat.consumer.broker import Broker, Delivery
+from celerycompat.events.dispatcher import EventDispatcher
+from celerycompat.events.heartbeat import Heart
+from celerycompat.events.task_events import TaskEvents
 from celerycompat.execution.context import build_context, request_dict
 from celerycompat.execution.outcome import Outcome, Settle, settle
 from celerycompat.pools.base import Pool
@@ -154,7 +157,8 @@ class Consumer:
     def __init__(self, *, app: Any, broker_factory: Callable[[], Broker], pool: Pool,
                  store: Any, queues: Sequence[Any],
                  decode: wire.Decoder, hostname: str, prefetch_multiplier: int,
-                 purge: bool = False) -> None:
+                 purge: bool = False, dispatcher: EventDispatcher | None = None,
+                 heartbeat_interval: float | None = None) -> None:
         self.app = app
         self.broker_factory = broker_factory
         self.broker: Broker | None = None
@@ -173,6 +177,11 @@ class Consumer:
         self._done: queue.SimpleQueue[tuple[Request, Outcome]] = queue.SimpleQueue()
         self.should_stop = False
         self.processed = 0
+        self.dispatcher = dispatcher
+        self.events = TaskEvents(dispatcher) if dispatcher is not None else None
+        self.heart = Heart(dispatcher, interval=heartbeat_interval,
+                           active=lambda: len(self.active), processed=lambda: self.processed) \
+            if dispatcher is not None and heartbeat_interval else None
         self._worker_utc = app.uses_utc_timezone()
         self._worker_tz = app.timezone
 
@@ -206,6 +215,8 @@ class Consumer:
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until `should_stop`; then stop consuming (running tasks go on)."""
         self.connect()
+        if self.heart is not None:
+            self.heart.start()
         if on_ready is not None:
             on_ready()
         while not self.should_stop:
@@ -232,11 +243,21 @@ class Consumer:
             self.broker.poll(0)
         else:
             self.broker.poll(self._poll_timeout())
+        self._events_tick()
+
+    def _events_tick(self) -> None:
+        """Heartbeat when due; send this turn's task events as one batch (E2)."""
+        if self.heart is not None:
+            self.heart.tick()
+        if self.dispatcher is not None:
+            self.dispatcher.flush()
 
     def _poll_timeout(self) -> float:
         timeout = 0.05 if self.active else 0.5
         if self._eta:
             timeout = max(0.0, min(timeout, self._eta[0][0] - time.time()))
+        if self.heart is not None:
+            timeout = min(timeout, self.heart.seconds_to_next())
         return timeout
 
     def _on_connection_lost(self, exc: BaseException) -> None:
@@ -304,6 +325,8 @@ class Consumer:
         if self._expired(request):
             return
         signals.task_received.send(sender=self, request=request)
+        if self.events is not None:
+            self.events.received(request)
         if message.eta is not None:
             eta = message.eta.timestamp()
             if eta > time.time():
@@ -353,6 +376,8 @@ class Consumer:
                 request.acked = request.ack_pending = True
             else:
                 self._ack(request)
+        if self.events is not None:
+            self.events.started(request)
         done = self._done
         self.pool.apply(request.message.task, request.message,
                         lambda outcome: done.put((request, outcome)))
@@ -394,6 +419,8 @@ class Consumer:
             self._reject(request, requeue=False)
         elif decision is Settle.REQUEUE:
             self._reject(request, requeue=True)
+        if self.events is not None:
+            self.events.finished(request, outcome, decision)
 
     def has_work(self) -> bool:
         return bool(self.active)
@@ -482,6 +509,8 @@ class Consumer:
                                        store_result=True, call_errbacks=True)
         except Exception:
             logger.exception("Could not store NotRegistered for %s", task_id)
+        if self.events is not None:
+            self.events.unknown(task_id, name)
         signals.task_unknown.send(sender=self, message=delivery.handle, exc=KeyError(name),
                                   name=name, id=task_id)
 
@@ -503,6 +532,8 @@ class Consumer:
         except Exception:
             logger.exception("Could not store REVOKED for %s", message.id)
         self._ack(request)
+        if self.events is not None:
+            self.events.revoked(request, expired=True)
         signals.task_revoked.send(sender=request.task, request=context, terminated=False,
                                   signum=None, expired=True)
         return True
@@ -519,6 +550,10 @@ class Consumer:
             self._reject(request, requeue=True)
 
     def close(self) -> None:
+        if self.heart is not None:
+            self.heart.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         if self.broker is not None:
             try:
                 self.broker.close()

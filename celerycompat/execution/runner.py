@@ -77,6 +77,10 @@ class TaskRunner:
         self._hooks: dict[str, tuple[Callable | None, Callable | None, Callable | None,
                                      Callable]] = {}
 
+    def for_new_process(self) -> TaskRunner:
+        """A runner for a forked pool process: its own pid, stores and caches."""
+        return type(self)(self.app, self.settings, self._store_for)
+
     # -- the task's own hooks, looked up once per task type -----------------
 
     def _task_hooks(self, task: Task):
@@ -156,8 +160,10 @@ class TaskRunner:
                     before_start(task_id, args, kwargs)
                 retval = fun(*args, **kwargs)
             except Reject as exc:
-                self._log_error(task, context, ExceptionInfo(internal=True), exc)
-                outcome = Outcome(State.REJECTED, exc, requeue=bool(exc.requeue))
+                einfo = ExceptionInfo(internal=True)
+                self._log_error(task, context, einfo, exc)
+                outcome = Outcome(State.REJECTED, exc, requeue=bool(exc.requeue),
+                                  exception_repr=saferepr(exc), traceback=einfo.traceback)
             except Ignore as exc:
                 self._log_error(task, context, ExceptionInfo(internal=True), exc)
                 outcome = Outcome(State.IGNORED, exc)

@@ -203,8 +203,6 @@ def test_settings_fill_in(projects) -> None:
         "ccworker: --max-memory-per-child (worker_max_memory_per_child) is accepted but not "
         "supported yet; ignored",
         "ccworker: -S/--statedb (worker_state_db) is accepted but not supported yet; ignored",
-        "ccworker: -E/--task-events (worker_send_task_events) is accepted but not supported "
-        "yet; ignored",
     ]
 
 

@@ -1,0 +1,1 @@
+"""celeryev events: the dispatcher and the worker heartbeat (wire contract E)."""

@@ -1,0 +1,173 @@
+"""celeryev events, differential: what a monitor (Flower, ``celery events``) receives.
+
+A real ``EventReceiver`` (the one Flower and ``celery events`` use) listens
+while a worker starts with ``-E``, runs a set of tasks and stops. The events
+of ``celery worker`` and of ``ccworker`` are compared after normalising what
+differs between any two runs (hostnames, pids, clocks, times, ids,
+tracebacks beyond their last line, load averages).
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import threading
+import time
+
+import harness
+import pytest
+
+pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+
+ENV = (("C_FORCE_ROOT", "1"),)
+PROJECT = "proj_wire"
+
+
+class Listener:
+    """Collects the events of one worker (by hostname) in a background thread."""
+
+    def __init__(self, app, hostname: str):
+        self.app = app
+        self.hostname = hostname
+        self.events: list[dict] = []
+        self._receiver = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_event(self, event: dict) -> None:
+        if event.get("hostname") == self.hostname:
+            self.events.append(dict(event))
+
+    def _run(self) -> None:
+        with self.app.connection_for_read() as connection:
+            self._receiver = self.app.events.Receiver(connection,
+                                                      handlers={"*": self._on_event})
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def start(self) -> Listener:
+        self._thread.start()
+        time.sleep(1.0)  # the receiver's queue/subscription must exist first
+        return self
+
+    def wait_for(self, predicate, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.events):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        if self._receiver is not None:
+            self._receiver.should_stop = True
+        self._thread.join(5)
+
+
+def normalise(events: list[dict], task_ids: list[str]) -> list:
+    """Comparable form: per task (in send order) its events; worker events by type."""
+    names = {tid: f"<task{i}>" for i, tid in enumerate(task_ids)}
+    per_task: dict[str, list] = {tid: [] for tid in task_ids}
+    worker: dict[str, dict] = {}
+    clocks = [e["clock"] for e in events if e.get("clock") is not None]
+    for event in events:
+        kind = event["type"]
+        if kind.startswith("worker-"):
+            if kind not in worker:
+                worker[kind] = {
+                    key: (type(value).__name__ if key in (
+                        "hostname", "pid", "clock", "timestamp", "loadavg", "active",
+                        "processed", "utcoffset", "local_received") else value)
+                    for key, value in event.items()
+                }
+            continue
+        uuid = event.get("uuid")
+        if uuid not in per_task:
+            continue
+        shown = {}
+        for key, value in event.items():
+            if key in ("hostname", "pid", "clock", "timestamp", "utcoffset", "runtime",
+                       "local_received"):
+                shown[key] = type(value).__name__
+            elif key in ("uuid", "root_id", "parent_id") and value in names:
+                shown[key] = names[value]
+            elif key == "traceback" and isinstance(value, str):
+                shown[key] = value.strip().splitlines()[-1]
+            elif key in ("eta", "expires") and value:
+                shown[key] = "<iso>"
+            else:
+                shown[key] = value
+        per_task[uuid].append(shown)
+    return [
+        ["clock increases", clocks == sorted(clocks)],
+        ["worker events", sorted(worker.items())],
+        ["task events", [per_task[tid] for tid in task_ids]],
+    ]
+
+
+class HeartbeatSpec(harness.WorkerSpec):
+    """The harness's flags with heartbeats left on: worker events are under test."""
+
+    def flags(self, nodename: str) -> list[str]:
+        return [flag for flag in super().flags(nodename) if flag != "--without-heartbeat"]
+
+
+#: Celery's ``exception`` field of task-retried (E11) and of task-failed for
+#: ``Reject`` depends on its pool: under solo/threads it is the repr of an
+#: internal wrapper (``"Retry(Retry(...), None, 0.2)"``,
+#: ``"ExceptionWithTraceback()"``), under prefork (its default) the real
+#: exception's repr. ccworker sends the prefork form on every pool
+#: (docs/compat.md), so the celery side runs prefork here.
+POOLS = {"celery": "prefork", "celery2": "prefork", "ccworker": "solo"}
+
+
+def run_events_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
+    spec = HeartbeatSpec(project=PROJECT, env=ENV, extra_flags=("-E",), pool=POOLS[kind])
+    worker = harness.WorkerProcess(kind, spec, broker, log_dir)
+    with harness.client_app(PROJECT, worker.env) as app:
+        listener = Listener(app, worker.nodename).start()
+        try:
+            worker.start()
+            worker.wait_ready()
+            assert listener.wait_for(lambda evs: any(e["type"] == "worker-online" for e in evs))
+            past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+            sent = [
+                app.send_task("proj_wire.tasks.add", (2, 3)),
+                app.send_task("proj_wire.tasks.fail", ("boom",)),
+                app.send_task("proj_wire.tasks.retry_until", (1,), {"countdown": 0.2}),
+                app.send_task("proj_wire.tasks.rejecting"),
+                app.send_task("proj_wire.tasks.rejecting_late"),
+                app.send_task("proj_wire.tasks.ignoring"),
+                app.send_task("proj_wire.tasks.late_ok", (7,)),
+                app.send_task("proj_wire.tasks.nonexistent"),
+                app.send_task("proj_wire.tasks.add", (1, 1), expires=past),
+            ]
+            ids = [r.id for r in sent]
+            last = app.send_task("proj_wire.tasks.noop")
+            last.get(timeout=30)
+            assert listener.wait_for(
+                lambda evs: any(e.get("uuid") == last.id and e["type"] == "task-succeeded"
+                                for e in evs))
+            assert listener.wait_for(
+                lambda evs: any(e["type"] == "worker-heartbeat" for e in evs), timeout=10)
+            assert worker.stop() == 0
+            assert listener.wait_for(lambda evs: any(e["type"] == "worker-offline" for e in evs))
+        finally:
+            worker.stop()
+            listener.stop()
+            broker.forget_queue(worker.token, worker.queue)
+    return normalise(listener.events, ids)
+
+
+def test_task_and_worker_events_match_celery(broker, interop_log_dir):
+    kinds = harness.selected_kinds()
+    observed = {kind: run_events_scenario(kind, broker, interop_log_dir) for kind in kinds}
+    celery_side = observed[kinds[0]]
+    assert celery_side[0] == ["clock increases", True]
+    task_events = celery_side[2][1]
+    assert [e["type"] for e in task_events[0]] == [
+        "task-received", "task-started", "task-succeeded"]
+    if len(kinds) > 1:
+        left, right = (json.dumps(observed[k], indent=1, default=str).splitlines()
+                       for k in kinds[:2])
+        diff = "\n".join(difflib.unified_diff(left, right, kinds[0], kinds[1], lineterm=""))
+        assert left == right, diff
