@@ -25,6 +25,8 @@ from celerycompat.backends import result_store_for
 from celerycompat.consumer.consumer import Consumer
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.queues import select_queues
+from celerycompat.control.commands import ControlState
+from celerycompat.control.mailbox import ControlMailbox
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.solo import SoloPool
@@ -97,6 +99,7 @@ class Worker:
             purge=options.purge,
             dispatcher=self._event_dispatcher(),
             heartbeat_interval=None if options.without_heartbeat else options.heartbeat_interval,
+            control=self._control_mailbox,
         )
 
     def _broker(self) -> KombuBroker:
@@ -112,6 +115,17 @@ class Worker:
                 or not options.without_gossip):
             return None
         return EventDispatcher(self.app, self.nodename, task_events=options.task_events)
+
+    def _control_mailbox(self, consumer: Consumer) -> ControlMailbox | None:
+        """The pidbox node, unless ``worker_enable_remote_control`` is off (F12)."""
+        if not self.app.conf.worker_enable_remote_control:
+            return None
+        state = ControlState(app=self.app, hostname=self.nodename, consumer=consumer)
+        return ControlMailbox(self.app, self.nodename, state, on_shutdown=self._remote_shutdown)
+
+    def _remote_shutdown(self) -> None:
+        """The ``shutdown`` command: a warm shutdown with exit code 0 (G8)."""
+        self._request_shutdown("Warm", EX_OK, signal.SIGTERM)
 
     def on_ready(self) -> None:
         signals.worker_ready.send(sender=self.consumer)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
@@ -150,6 +151,23 @@ class Request:
     def hostname(self) -> Any:
         return self.message.request.get("hostname")
 
+    def info(self, safe: bool = False) -> dict[str, Any]:
+        """The request-info dict of ``inspect active/reserved/scheduled`` (F9)."""
+        message = self.message
+        return {
+            "id": message.id,
+            "name": message.name,
+            "args": message.argsrepr if safe else message.args,
+            "kwargs": message.kwargsrepr if safe else message.kwargs,
+            "type": message.task,
+            "hostname": self.hostname,
+            "time_start": self.time_start,
+            "acknowledged": self.acked,
+            "delivery_info": message.delivery_info,
+            # B38: the pool process pid; our in-process pools run in this one.
+            "worker_pid": os.getpid() if self.time_start is not None else None,
+        }
+
 
 class Consumer:
     """The consumer loop. See the module docstring for what it owns."""
@@ -158,7 +176,8 @@ class Consumer:
                  store: Any, queues: Sequence[Any],
                  decode: wire.Decoder, hostname: str, prefetch_multiplier: int,
                  purge: bool = False, dispatcher: EventDispatcher | None = None,
-                 heartbeat_interval: float | None = None) -> None:
+                 heartbeat_interval: float | None = None,
+                 control: Callable[[Consumer], Any] | None = None) -> None:
         self.app = app
         self.broker_factory = broker_factory
         self.broker: Broker | None = None
@@ -177,6 +196,10 @@ class Consumer:
         self._done: queue.SimpleQueue[tuple[Request, Outcome]] = queue.SimpleQueue()
         self.should_stop = False
         self.processed = 0
+        #: Tasks accepted by name (``inspect stats`` ``total``).
+        self.total_count: Counter[str] = Counter()
+        #: The pidbox node (built by ``control(self)``), restarted on every connection.
+        self.control = control(self) if control is not None else None
         self.dispatcher = dispatcher
         self.events = TaskEvents(dispatcher) if dispatcher is not None else None
         self.heart = Heart(dispatcher, interval=heartbeat_interval,
@@ -209,6 +232,8 @@ class Consumer:
         broker.set_prefetch(self.prefetch_count)
         broker.consume(self.queues, self.on_delivery)
         self.broker = broker
+        if self.control is not None:
+            self.control.start(broker.connection)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -269,6 +294,8 @@ class Consumer:
         # copies held here can no longer be acked, so they are dropped (B36).
         self.reserved.clear()
         self._eta.clear()
+        if self.control is not None:
+            self.control.stop()
         try:
             assert self.broker is not None
             self.broker.close()
@@ -368,6 +395,7 @@ class Consumer:
         """Accept: record active, ack early-ack tasks, hand to the pool (B5)."""
         request.time_start = time.time()
         self.active[id(request)] = request
+        self.total_count[request.message.name] += 1
         if not request.acks_late:
             if self.pool.runs_inline:
                 # Celery queues the early ack for its next loop turn, which a
@@ -421,6 +449,26 @@ class Consumer:
             self._reject(request, requeue=True)
         if self.events is not None:
             self.events.finished(request, outcome, decision)
+
+    # -- what inspect commands report ---------------------------------------------
+
+    def active_requests(self) -> list[Request]:
+        return list(self.active.values())
+
+    def reserved_requests(self) -> list[Request]:
+        return list(self.reserved)
+
+    def scheduled_requests(self) -> list[Request]:
+        return [entry[2] for entry in sorted(self._eta)]
+
+    def broker_info(self) -> dict[str, Any]:
+        """The ``broker`` section of ``inspect stats``: kombu's info, never the password."""
+        connection = getattr(self.broker, "connection", None)
+        if connection is None:
+            return {}
+        info = dict(connection.info())
+        info.pop("password", None)
+        return info
 
     def has_work(self) -> bool:
         return bool(self.active)
@@ -550,6 +598,8 @@ class Consumer:
             self._reject(request, requeue=True)
 
     def close(self) -> None:
+        if self.control is not None:
+            self.control.stop()
         if self.heart is not None:
             self.heart.stop()
         if self.dispatcher is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import celery
 from celery import signals
 
 from celerycompat.events.dispatcher import EventDispatcher
@@ -29,8 +28,7 @@ class Heart:
 
     def _send(self, event_type: str) -> None:
         self.dispatcher.send(event_type, **worker_fields(
-            freq=self.interval, active=self._active(), processed=self._processed(),
-            software_version=celery.__version__))
+            freq=self.interval, active=self._active(), processed=self._processed()))
 
     def start(self) -> None:
         self._send("worker-online")

@@ -42,6 +42,9 @@ class Pool(Protocol):
         another thread.
         """
 
+    def info(self) -> dict:
+        """The ``pool`` section of ``inspect stats`` (F10), in Celery's shape."""
+
     def stop(self, wait: bool = True) -> None:
         """Stop taking tasks; with ``wait`` return only when running ones are done."""
 

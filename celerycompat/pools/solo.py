@@ -6,6 +6,8 @@ is served while a task runs; it is the simplest and the cheapest pool.
 
 from __future__ import annotations
 
+import os
+
 from celery import signals
 
 from celerycompat.execution.runner import TaskRunner
@@ -29,6 +31,12 @@ class SoloPool:
 
     def apply(self, task_name: str, message: TaskMessage, on_done: OnDone) -> None:
         run_guarded(self.runner, task_name, message, on_done)
+
+    def info(self) -> dict:
+        """The ``pool`` section of ``inspect stats``, as Celery's solo pool reports it."""
+        return {"implementation": self.name, "max-concurrency": 1,
+                "processes": [os.getpid()], "max-tasks-per-child": None,
+                "put-guarded-by-semaphore": True, "timeouts": []}
 
     def stop(self, wait: bool = True) -> None:
         """Nothing runs in the background, so there is nothing to stop."""

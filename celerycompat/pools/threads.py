@@ -47,6 +47,11 @@ class ThreadPool:
     def apply(self, task_name: str, message: TaskMessage, on_done: OnDone) -> None:
         self._jobs.put((task_name, message, on_done))
 
+    def info(self) -> dict:
+        """The ``pool`` section of ``inspect stats``, as Celery's threads pool reports it."""
+        return {"implementation": self.name, "max-concurrency": self.limit,
+                "threads": len(self._threads)}
+
     def stop(self, wait: bool = True) -> None:
         for _ in self._threads:
             self._jobs.put(_STOP)

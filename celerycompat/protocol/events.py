@@ -64,15 +64,22 @@ def load_average() -> list[float]:
         return [0.0, 0.0, 0.0]
 
 
+def software_info(software_version: str | None = None) -> dict[str, str]:
+    """``sw_ident``, ``sw_ver`` (Celery's version), ``sw_sys`` (E5)."""
+    if software_version is None:
+        import celery
+
+        software_version = celery.__version__
+    return {"sw_ident": SOFTWARE_IDENT, "sw_ver": software_version, "sw_sys": SOFTWARE_SYSTEM}
+
+
 def worker_fields(*, freq: float, active: int, processed: int,
-                  software_version: str) -> dict[str, Any]:
+                  software_version: str | None = None) -> dict[str, Any]:
     """The fields of worker-online/-heartbeat/-offline (E5), in Celery's order."""
     return {
         "freq": freq,
         "active": active,
         "processed": processed,
         "loadavg": load_average(),
-        "sw_ident": SOFTWARE_IDENT,
-        "sw_ver": software_version,
-        "sw_sys": SOFTWARE_SYSTEM,
+        **software_info(software_version),
     }

@@ -1,0 +1,1 @@
+"""Remote control: the pidbox mailbox node and the commands it answers (wire contract F)."""
