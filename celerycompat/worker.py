@@ -186,6 +186,8 @@ class Worker:
         consumer.stop_consuming()
         while consumer.has_work() and not self._cold:
             consumer.drain(0.1)
+        if self._cold:
+            consumer.return_running()
         self.pool.stop(wait=not self._cold)
         if not self._cold:
             consumer.drain(0)

@@ -60,6 +60,12 @@ class Broker(Protocol):
     def poll(self, timeout: float) -> None:
         """Deliver whatever has arrived, waiting at most ``timeout`` seconds."""
 
+    def cancel(self) -> None:
+        """Stop deliveries; keep the connection to settle messages in hand."""
+
+    def republish(self, delivery: Delivery) -> None:
+        """Publish a copy of ``delivery`` to where it was sent (an acked message returned)."""
+
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge: the broker forgets the message."""
 

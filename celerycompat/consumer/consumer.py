@@ -314,6 +314,10 @@ class Consumer:
 
     def on_delivery(self, delivery: Delivery) -> None:
         """Everything that happens to a message on arrival, in Celery's order."""
+        if self.should_stop and delivery.handle is not None and self.broker is not None:
+            # Arrived after deliveries were cancelled (in flight): give it back.
+            self._reject_delivery(delivery, requeue=True)
+            return
         if delivery.decode_error is not None:
             return self._on_decode_error(delivery, delivery.decode_error)
         try:
@@ -589,13 +593,44 @@ class Consumer:
     # -- shutdown ------------------------------------------------------------------
 
     def stop_consuming(self) -> None:
-        """Warm shutdown: reserved and held messages go back to the broker (G9)."""
+        """Warm shutdown: no new deliveries; reserved and held messages go back (G9).
+
+        Deliveries stop first, or the broker would hand the returned
+        messages straight back to this worker.
+        """
         self.should_stop = True
+        if self.broker is not None:
+            try:
+                self.broker.cancel()
+            except self._connection_errors():
+                pass
         dropped = list(self.reserved) + [entry[2] for entry in self._eta]
         self.reserved.clear()
         self._eta.clear()
         for request in dropped:
             self._reject(request, requeue=True)
+
+    def return_running(self) -> None:
+        """Cold shutdown: running tasks will not finish here; their messages go back.
+
+        acks_late messages were never acked and return with the connection.
+        Early-acked ones are gone from the broker, so a copy is published
+        where the original was sent: the task runs again elsewhere
+        (at-least-once) instead of vanishing (Celery stores RETRY and never
+        runs it, B37).
+        """
+        if self.broker is None:
+            return
+        for request in list(self.active.values()):
+            if not request.acked or request.ack_pending:
+                continue
+            try:
+                self.broker.republish(request.delivery)
+                logger.warning("Cold shutdown: task %s[%s] was running; its message was "
+                               "returned to the queue", request.name, request.id)
+            except Exception:
+                logger.exception("Cold shutdown: could not return task %s[%s] to the queue",
+                                 request.name, request.id)
 
     def close(self) -> None:
         if self.control is not None:

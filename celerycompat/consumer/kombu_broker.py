@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Any, Sequence
 
-from kombu import Connection, Consumer
+from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
 from celerycompat.consumer.broker import Delivery, DeliveryCallback
@@ -119,6 +119,17 @@ class KombuBroker:
             self.connection.drain_events(timeout=timeout)
         except socket.timeout:
             pass
+        except self.connection_errors:
+            raise
+        except Exception as exc:
+            # kombu could not even build a message from what the transport
+            # handed it (a Redis envelope that is not JSON, headers that are
+            # not a mapping, broken base64): the raw message is already off
+            # the queue, so it is gone, as Celery's undecodable messages are
+            # (A27). What must not happen is the worker dying and, restarted,
+            # dying again on the next poison message.
+            logger.critical("Received and deleted a message the transport could not "
+                            "decode: %r", exc, exc_info=True)
 
     def _maybe_heartbeat(self) -> None:
         """AMQP heartbeats, ``broker_heartbeat_checkrate`` times per interval.
@@ -137,6 +148,33 @@ class KombuBroker:
             # (often shorter than the one asked for) lapse.
             self._next_heartbeat_check = now + min(1.0, interval / max(self._heartbeat_rate, 1.0))
             self.connection.heartbeat_check(rate=self._heartbeat_rate)
+
+    def cancel(self) -> None:
+        """Stop deliveries; the channel stays open to settle what is in hand."""
+        if self._consumer is not None:
+            try:
+                self._consumer.cancel()
+            except self.connection_errors:
+                pass
+
+    def republish(self, delivery: Delivery) -> None:
+        """Publish a copy of a delivered message where it came from (cold shutdown).
+
+        The body is already transport-decoded and decompressed, so it goes
+        out as-is, without its ``compression`` header.
+        """
+        headers = {k: v for k, v in (delivery.headers or {}).items() if k != "compression"}
+        properties = delivery.properties or {}
+        info = delivery.delivery_info or {}
+        producer = Producer(self.connection.default_channel)
+        producer.publish(
+            delivery.body, exchange=info.get("exchange") or "",
+            routing_key=info.get("routing_key"), headers=headers,
+            content_type=delivery.content_type, content_encoding=delivery.content_encoding,
+            correlation_id=properties.get("correlation_id"),
+            reply_to=properties.get("reply_to"), priority=properties.get("priority"),
+            delivery_mode=properties.get("delivery_mode") or 2,
+        )
 
     def ack(self, delivery: Delivery) -> None:
         message: Message = delivery.handle

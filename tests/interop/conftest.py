@@ -146,11 +146,18 @@ def worker_cache(interop_log_dir):
 
 @pytest.fixture
 def run_differential(request, worker_cache):
-    """``run_differential(scenario, broker, **worker_flags)`` for this module."""
+    """``run_differential(scenario, broker, **worker_flags)`` for this module.
+
+    A module may set ``WORKER_DEFAULTS`` (e.g. ``{"pool": "prefork",
+    "concurrency": 2}``): flags its scenarios run with unless they pass their
+    own. That is how one module re-runs another's scenarios on another pool
+    by importing its test functions.
+    """
     worker_cache.used = []
     request.node._cc_workers = worker_cache.used
     harness.LAST_RESULTS.clear()
-    return functools.partial(harness.run_differential, cache=worker_cache)
+    defaults = dict(getattr(request.module, "WORKER_DEFAULTS", {}))
+    return functools.partial(harness.run_differential, cache=worker_cache, **defaults)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -830,16 +830,23 @@ class Observer:
         self.record(label, Lines(entries))
         return entries
 
-    def log_problems(self, label: str) -> None:
+    def log_problems(self, label: str,
+                     normalise: Optional[Callable[[str], Optional[str]]] = None) -> None:
         """WARNING and worse log lines the worker wrote during the scenario, as
         ``LEVEL message`` (timestamps and process names removed). Operators
-        see these; a replacement that stays silent, or shouts, differs."""
+        see these; a replacement that stays silent, or shouts, differs.
+
+        ``normalise(line)`` may rewrite a line (pids, sizes) or drop it (``None``)."""
         text = self.worker.log()[self._log_offset:]
         lines = []
         for match in re.finditer(
             r"^\[[^\]]*?: (WARNING|ERROR|CRITICAL)/[^\]]*\] (.*)$", text, re.M
         ):
-            lines.append(f"{match.group(1)} {match.group(2)}")
+            line = f"{match.group(1)} {match.group(2)}"
+            if normalise is not None:
+                line = normalise(line)
+            if line is not None:
+                lines.append(line)
         self.record(label, lines)
 
     # -- bracketing -------------------------------------------------------------
