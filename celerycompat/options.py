@@ -47,7 +47,8 @@ from typing import Any, Mapping, Optional
 from celerycompat.nodenames import expand_nodename, node_format
 
 #: Pools ccworker implements today; anything else runs on FALLBACK_POOL.
-SUPPORTED_POOLS = ("solo", "threads")
+#: ``processes`` is Celery's other name for ``prefork``.
+SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads")
 FALLBACK_POOL = "threads"
 
 #: ``-P`` values Celery 5.7 knows, in the order ``celery worker --help`` lists.
@@ -192,7 +193,7 @@ class WorkerOptions:
     nodename: str
     """``name@host`` after defaulting and ``%h/%n/%d`` expansion."""
     pool: str
-    """The pool ccworker runs: one of :data:`SUPPORTED_POOLS`."""
+    """The pool ccworker runs: ``prefork``, ``solo`` or ``threads``."""
     requested_pool: str
     """The pool Celery would have run (alias or ``module:Class``)."""
     concurrency: int
@@ -207,6 +208,7 @@ class WorkerOptions:
     disable_prefetch: bool = False
     task_events: bool = False
     time_limit: Optional[float] = None
+    """Seconds, as given (an int setting stays an int, as in Celery)."""
     soft_time_limit: Optional[float] = None
     max_tasks_per_child: Optional[int] = None
     max_memory_per_child: Optional[int] = None
@@ -305,6 +307,8 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
     either = app.either
     requested = str(args.get("pool") or "prefork")
     pool = requested if requested in SUPPORTED_POOLS else FALLBACK_POOL
+    if pool == "processes":
+        pool = "prefork"
     start_method = either("worker_pool_start_method", args.get("pool_start_method"))
     if start_method not in ("fork", "spawn"):
         raise ValueError("worker_pool_start_method must be 'fork' or 'spawn', "
@@ -327,9 +331,10 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
                                        args.get("prefetch_multiplier"))),
         disable_prefetch=bool(app.conf.worker_disable_prefetch),
         task_events=bool(either("worker_send_task_events", args.get("task_events"))),
-        time_limit=_optional(float, either("task_time_limit", args.get("time_limit"))),
-        soft_time_limit=_optional(float, either("task_soft_time_limit",
-                                                args.get("soft_time_limit"))),
+        # As given (Celery does not convert): a limit of 2 is logged and
+        # stored as ``TimeLimitExceeded(2)``, ``--time-limit 2`` as 2.0.
+        time_limit=either("task_time_limit", args.get("time_limit")),
+        soft_time_limit=either("task_soft_time_limit", args.get("soft_time_limit")),
         max_tasks_per_child=_optional(int, either("worker_max_tasks_per_child",
                                                   args.get("max_tasks_per_child"))),
         max_memory_per_child=_optional(int, either("worker_max_memory_per_child",
@@ -386,11 +391,10 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
         ("schedule_filename" in explicit, "-s/--schedule-filename"),
         ("scheduler" in explicit, "--scheduler"),
         (options.autoscale is not None, "--autoscale"),
-        (options.max_tasks_per_child is not None,
-         "--max-tasks-per-child (worker_max_tasks_per_child)"),
-        (options.max_memory_per_child is not None,
-         "--max-memory-per-child (worker_max_memory_per_child)"),
-        ("pool_start_method" in explicit, "--pool-start-method"),
+        # Only the prefork pool recycles children; Celery's other pools
+        # ignore these silently too.
+        (options.pool_start_method == "spawn",
+         "--pool-start-method spawn (worker_pool_start_method)"),
         (bool(options.statedb), "-S/--statedb (worker_state_db)"),
         (options.umask is not None, "--umask"),
         (options.executable is not None, "--executable"),

@@ -29,6 +29,7 @@ from celerycompat.control.commands import ControlState
 from celerycompat.control.mailbox import ControlMailbox
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
+from celerycompat.pools.prefork import PreforkPool
 from celerycompat.pools.solo import SoloPool
 from celerycompat.pools.threads import ThreadPool
 from celerycompat.protocol import codecs
@@ -58,6 +59,15 @@ def make_decoder(accept: Any) -> wire.Decoder:
 def make_pool(options: Any, runner: TaskRunner) -> Any:
     if options.pool == "solo":
         return SoloPool(runner, options.nodename)
+    if options.pool == "prefork":
+        return PreforkPool(
+            runner, options.concurrency, hostname=options.nodename,
+            max_tasks_per_child=options.max_tasks_per_child,
+            max_memory_per_child=options.max_memory_per_child,
+            time_limit=options.time_limit, soft_time_limit=options.soft_time_limit,
+            loglevel=options.loglevel, logfile=options.logfile,
+            proc_alive_timeout=options.app.conf.worker_proc_alive_timeout,
+        )
     return ThreadPool(runner, options.concurrency)
 
 

@@ -43,8 +43,13 @@ class Outcome:
     state: State
     retval: Any = None
     runtime: float | None = None
-    requeue: bool = False  # for State.REJECTED: the Reject's own flag
+    requeue: bool = False
+    """For State.REJECTED: the Reject's own flag. For a lost worker: the
+    task's ``reject_on_worker_lost`` applied (B9), nothing was stored."""
     is_timeout: bool = False
+    is_worker_lost: bool = False
+    """The pool process running the task died (or was lost) before reporting;
+    the parent recorded the outcome (prefork, wire contract B9)."""
     result_repr: str | None = None
     """``saferepr`` of the return value (``task-succeeded.result``)."""
     exception_repr: str | None = None
@@ -64,6 +69,8 @@ def settle(outcome: Outcome, *, acks_late: bool, acks_on_failure_or_timeout: boo
         return Settle.REQUEUE if outcome.requeue else Settle.DROP
     if not acks_late:
         return Settle.NOTHING
+    if outcome.is_worker_lost and outcome.requeue:
+        return Settle.REQUEUE  # acks_late + reject_on_worker_lost (B9)
     if outcome.state in (State.FAILURE, State.INTERNAL_ERROR):
         if acks_on_failure_or_timeout:
             return Settle.ACK

@@ -67,7 +67,7 @@ def test_app_option_anywhere(projects, argv) -> None:
 def test_defaults(projects) -> None:
     o = parse("-A", "plainmod")
     assert o.nodename == f"celery@{HOST}"
-    assert (o.pool, o.requested_pool) == ("threads", "prefork")
+    assert (o.pool, o.requested_pool) == ("prefork", "prefork")
     assert o.loglevel == 30 and o.logfile is None
     assert o.concurrency == (os.cpu_count() or 2)
     assert o.prefetch_multiplier == 4 and o.disable_prefetch is False
@@ -78,8 +78,7 @@ def test_defaults(projects) -> None:
     assert o.schedule_filename == "celerybeat-schedule"
     assert o.scheduler == "celery.beat:PersistentScheduler"
     assert o.pool_start_method == "fork" and o.statedb is None and o.pidfile is None
-    assert o.unsupported == ["ccworker: pool 'prefork' is not supported yet; using 'threads' "
-                             "instead"]
+    assert o.unsupported == []
 
 
 @pytest.mark.parametrize(("argv", "field", "expected"), [
@@ -100,7 +99,7 @@ def test_defaults(projects) -> None:
     (["-c", "AUTO"], "concurrency", os.cpu_count()),
     (["-P", "solo"], "pool", "solo"), (["--pool", "threads"], "pool", "threads"),
     (["-P", "gevent"], "pool", "threads"), (["-P", "eventlet"], "requested_pool", "eventlet"),
-    (["-P", "processes"], "pool", "threads"),
+    (["-P", "processes"], "pool", "prefork"),
     (["-E"], "task_events", True), (["--task-events"], "task_events", True),
     (["--events"], "task_events", True),
     (["--time-limit", "2.5"], "time_limit", 2.5),
@@ -198,10 +197,6 @@ def test_settings_fill_in(projects) -> None:
     assert o.statedb == "/tmp/state-w5.db"
     assert (o.pool, o.requested_pool) == ("solo", "solo")
     assert o.unsupported == [
-        "ccworker: --max-tasks-per-child (worker_max_tasks_per_child) is accepted but not "
-        "supported yet; ignored",
-        "ccworker: --max-memory-per-child (worker_max_memory_per_child) is accepted but not "
-        "supported yet; ignored",
         "ccworker: -S/--statedb (worker_state_db) is accepted but not supported yet; ignored",
     ]
 

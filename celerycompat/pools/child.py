@@ -1,0 +1,331 @@
+"""The child side of the prefork pool: one forked process running tasks.
+
+`child_main` is called in the new process right after ``os.fork()`` and
+never returns: it ends with ``os._exit``. It does what Celery's
+``process_initializer`` and billiard's ``Worker`` do in a pool process,
+in the same order where a project can observe it:
+
+1. become a pool process: the name ``ForkPoolWorker-N`` (log lines), the
+   after-fork hooks kombu/Celery registered (fresh broker connection pools),
+   stdin on ``/dev/null``, parent-death signal SIGKILL;
+2. signals (wire contract G8): SIGINT ignored, TERM/HUP/TTIN/TTOU/USR1 reset,
+   then billiard's terminate handler on HUP/QUIT/TERM (raise ``SystemExit``
+   so ``finally`` blocks run; a second one exits at once) and the soft time
+   limit handler on SIGUSR1 (``SoftTimeLimitExceeded`` inside the task);
+3. ``app.loader.init_worker()``/``init_worker_process()``, logging again if
+   the log file name has ``%i``, the app made current, Celery's worker state
+   reset, ``worker_process_init`` (sender = nodename; the Django fixup
+   closes the inherited database connections on it);
+4. say ``up``, then run jobs with this process's own `TaskRunner` (results
+   are written from here, as Celery's children write them) until told to
+   stop, ``--max-tasks-per-child`` or ``--max-memory-per-child`` is reached,
+   or a terminate signal arrives;
+5. ``worker_process_shutdown(sender=nodename, pid, exitcode)`` and exit.
+
+The messages are in `celerycompat.pools.procproto`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from billiard.exceptions import SoftTimeLimitExceeded
+
+from celerycompat.execution.outcome import Outcome, State
+from celerycompat.pools import procproto
+
+logger = logging.getLogger("celery.worker.request")
+#: billiard logs through the "multiprocessing" logger, which Celery's app.log configures.
+billiard_logger = logging.getLogger("multiprocessing")
+
+MAXMEM_USED_FMT = "child process exiting after exceeding memory limit ({0}KiB / {1}KiB)\n"
+
+#: Signals Celery resets to their default in a pool process (prefork.py).
+WORKER_SIGRESET = ("SIGTERM", "SIGHUP", "SIGTTIN", "SIGTTOU", "SIGUSR1")
+#: billiard's ``TERMSIGS_DEFAULT``: these raise SystemExit in a pool process.
+TERMSIGS = ("SIGHUP", "SIGQUIT", "SIGTERM", "SIGUSR1")
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """What a child needs besides the runner, fixed when the pool is built."""
+
+    hostname: str
+    index: int
+    """0-based slot index (billiard's ``Process.index``; ``%i`` in log file names)."""
+    name: str
+    """``ForkPoolWorker-N``."""
+    max_tasks: int | None = None
+    max_memory_kib: int | None = None
+    loglevel: int | None = None
+    logfile: str | None = None
+    """The ``--logfile`` template as given (``%i`` still in it)."""
+
+
+# Process-wide state of the child, read by the signal handlers.
+_terminating = False
+_in_task = False
+#: The code of the last ``sys.exit()`` call (billiard patches sys.exit the same way).
+_sys_exit_code: list = [None]
+
+
+def _patch_sys_exit() -> None:
+    real_exit = sys.exit
+
+    def exit(status: Any = None) -> None:  # noqa: A001 - it replaces sys.exit
+        _sys_exit_code[0] = status
+        real_exit(status)
+
+    sys.exit = exit
+
+
+def _on_terminate(signum: int, frame: Any) -> None:
+    """billiard.common._shutdown_cleanup: leave through SystemExit, once."""
+    global _terminating
+    if _terminating:
+        os._exit(procproto.EX_SOFTWARE)
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except (OSError, ValueError):
+        pass
+    _terminating = True
+    sys.exit(-(256 - signum))
+
+
+def _on_soft_timeout(signum: int, frame: Any) -> None:
+    """SIGUSR1 from the parent at the soft time limit: raise inside the task.
+
+    Unlike billiard we ignore it between tasks (a late signal would otherwise
+    break the protocol code that runs between two tasks).
+    """
+    if _in_task:
+        raise SoftTimeLimitExceeded()
+
+
+def _setsignal(name: str, handler: Any) -> None:
+    num = getattr(signal, name, None)
+    if num is None:
+        return
+    try:
+        signal.signal(num, handler)
+    except (OSError, ValueError, RuntimeError):
+        pass
+
+
+def install_signals() -> None:
+    """The child's signal dispositions, as Celery + billiard leave them (G8)."""
+    remap = os.environ.get("REMAP_SIGTERM")
+    for name in WORKER_SIGRESET:
+        _setsignal(name, signal.SIG_DFL)
+    _setsignal("SIGINT", signal.SIG_IGN)
+    if remap:
+        _setsignal("SIGTERM", signal.SIG_IGN)
+    for name in TERMSIGS:
+        num = getattr(signal, name, None)
+        if num is None:
+            continue
+        current = signal.getsignal(num)
+        forced = remap and name == "SIGQUIT"
+        if forced or (current is not None and current != signal.SIG_IGN):
+            _setsignal(name, _on_terminate)
+    _setsignal("SIGUSR1", _on_soft_timeout)
+    _setsignal("SIGINT", signal.SIG_IGN)
+
+
+def _become_pool_process(config: ChildConfig) -> None:
+    """Name, after-fork hooks, stdin, parent-death signal."""
+    import multiprocessing
+
+    for current in _current_processes(multiprocessing):
+        try:
+            current.name = config.name
+            current.index = config.index
+        except Exception:  # a read-only stand-in; the name is cosmetic
+            pass
+    # kombu and Celery register their after-fork hooks with billiard's
+    # registry (it is what a billiard child runs after fork): the app's
+    # broker connection pool and producer pool are dropped there, so this
+    # process opens its own connections instead of sharing the parent's.
+    try:
+        from billiard import util as billiard_util
+        billiard_util._run_after_forkers()
+    except Exception:
+        logger.debug("billiard after-fork hooks failed", exc_info=True)
+    try:
+        from multiprocessing import util as mp_util
+        mp_util._run_after_forkers()
+    except Exception:
+        logger.debug("multiprocessing after-fork hooks failed", exc_info=True)
+    try:
+        sys.stdin.close()
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
+    except (OSError, ValueError):
+        pass
+    from celery import platforms
+
+    platforms.set_pdeathsig("SIGKILL")
+    platforms.set_process_title(f"celeryd: {config.hostname}:{config.name}")
+
+
+def _current_processes(multiprocessing: Any) -> list:
+    found = [multiprocessing.current_process()]
+    try:
+        from billiard import process as billiard_process
+        found.append(billiard_process.current_process())
+    except Exception:
+        pass
+    return found
+
+
+def _init_app(app: Any, config: ChildConfig) -> None:
+    """What ``celery.concurrency.prefork.process_initializer`` does after signals."""
+    from celery import signals
+    from celery._state import _set_task_join_will_block, set_default_app
+
+    _set_task_join_will_block(True)
+    app.loader.init_worker()
+    app.loader.init_worker_process()
+    logfile = config.logfile
+    if logfile and "%i" in logfile.lower():
+        # The file name differs per child: set logging up again for it.
+        app.log.already_setup = False
+        app.log.setup(config.loglevel, logfile, False, hostname=config.hostname)
+    app.set_current()
+    set_default_app(app)
+    app.finalize()
+    try:
+        from celery.worker import state as worker_state
+        worker_state.reset_state()
+    except Exception:
+        logger.debug("could not reset worker state", exc_info=True)
+    signals.worker_process_init.send(sender=config.hostname)
+
+
+def _memory_kib() -> int:
+    """billiard.compat.mem_rss: the peak RSS of this process in KiB."""
+    import resource
+
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.platform == "darwin" or "bsd" in sys.platform:
+        value //= 1024
+    return int(value)
+
+
+def _run(runner: Any, task_name: str, message: Any) -> Outcome:
+    """Run one job; task errors are in the Outcome, our own are INTERNAL_ERROR."""
+    global _in_task
+    _in_task = True
+    try:
+        return runner.run(runner.app.tasks[task_name], message)
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except SoftTimeLimitExceeded as exc:
+        # Arrived outside the task body (in our bookkeeping around it).
+        return Outcome(State.INTERNAL_ERROR, exc, exception_repr=repr(exc))
+    except Exception as exc:
+        logger.critical("Task %s[%s] INTERNAL ERROR: %r", message.name, message.id, exc,
+                        exc_info=True)
+        return Outcome(State.INTERNAL_ERROR, exc, exception_repr=repr(exc))
+    finally:
+        _in_task = False
+
+
+def child_main(sock: Any, runner: Any, config: ChildConfig,
+               close_fds: list[int]) -> None:
+    """The whole life of a pool process. Never returns."""
+    global _terminating, _in_task
+    exitcode: Any = 1
+    pid = os.getpid()
+    initialised = False
+    try:
+        _terminating = _in_task = False
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        install_signals()
+        _patch_sys_exit()
+        _become_pool_process(config)
+        runner = runner.for_new_process()
+        _init_app(runner.app, config)
+        initialised = True
+        exitcode = _serve(sock, runner, config, pid)
+    except SystemExit as exc:
+        code = exc.code
+        exitcode = code if isinstance(code, int) else (0 if code is None else 1)
+    except BaseException as exc:
+        if not initialised:
+            logger.error("Pool process %s error: %r", config.name, exc, exc_info=True)
+        else:
+            logger.critical("Pool process %s error: %r", config.name, exc, exc_info=True)
+        exitcode = 1
+    finally:
+        try:
+            if initialised:
+                from celery import signals
+                signals.worker_process_shutdown.send(
+                    sender=config.hostname, pid=pid, exitcode=exitcode)
+        except BaseException:
+            pass
+        try:
+            for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                if stream is not None:
+                    stream.flush()
+        except BaseException:
+            pass
+        os._exit(exitcode if isinstance(exitcode, int) else 1)
+
+
+def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
+    """The job loop. Returns the exit code."""
+    send = sock.sendall
+    reader = procproto.FrameReader()
+    send(procproto.dumps(("up", pid)))
+    completed = 0
+    max_tasks = config.max_tasks
+    max_memory = config.max_memory_kib or 0
+    while True:
+        message = procproto.recv_message(sock, reader)
+        if message is None or message[0] == "stop":
+            return 0
+        _, job_no, task_name, task_message = message
+        send(procproto.dumps(("accepted", job_no)))
+        try:
+            outcome = _run(runner, task_name, task_message)
+        except SystemExit as exc:
+            if _terminating:
+                # Killed by the parent (hard time limit) or the operator:
+                # the job did not finish and nothing is reported for it.
+                raise
+            # The task's own SystemExit: Celery reports the worker as lost
+            # (with the exception's code), and the process leaves with the
+            # code given to ``sys.exit()``, or 0 for a bare ``raise
+            # SystemExit``, as billiard's child does.
+            send(procproto.dumps(("exit", job_no, exc.code)))
+            code = _sys_exit_code[0]
+            raise SystemExit(code if isinstance(code, int) else 0) from None
+        except KeyboardInterrupt:
+            send(procproto.dumps(("exit", job_no, 1)))
+            raise SystemExit(1) from None
+        completed += 1
+        last = False
+        exitcode = 0
+        if max_tasks and completed >= max_tasks:
+            last, exitcode = True, procproto.EX_RECYCLE
+        elif max_memory > 0:
+            used = _memory_kib()
+            if used <= 0:
+                billiard_logger.error("worker unable to determine memory usage")
+            elif used > max_memory:
+                billiard_logger.warning(MAXMEM_USED_FMT.format(used, max_memory))
+                last, exitcode = True, procproto.EX_RECYCLE
+        outcome.retval = None
+        send(procproto.dumps(("done", job_no, outcome, last)))
+        if last:
+            return exitcode

@@ -1,0 +1,35 @@
+"""Append what the worker did, in order, to a Redis list the test reads.
+
+Hooks and signals run inside the worker process; the only channel back to the
+test is the outside world, so each call RPUSHes one JSON entry
+``[event, detail]`` to the list ``CC_TEST_RECORD`` at ``CC_TEST_RECORD_URL``.
+RPUSH is atomic and ordered, so the list is the order the worker emitted
+them. Details keep only values that are meaningful across two workers
+(task names, ids, states, exception types); the harness normalises ids and
+node names afterwards.
+
+If the variables are absent (the module imported by a client, or a user
+running the project by hand) recording is a no-op.
+"""
+
+import json
+import os
+
+import redis
+
+_client = None
+
+
+def _redis():
+    global _client
+    if _client is None:
+        _client = redis.Redis.from_url(os.environ["CC_TEST_RECORD_URL"])
+    return _client
+
+
+def record(event, **detail):
+    """RPUSH ``[event, detail]`` (``detail`` JSON-able) if recording is on."""
+    key = os.environ.get("CC_TEST_RECORD")
+    if not key or not os.environ.get("CC_TEST_RECORD_URL"):
+        return
+    _redis().rpush(key, json.dumps([event, detail], sort_keys=True, default=repr))

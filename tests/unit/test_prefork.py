@@ -1,0 +1,294 @@
+"""The prefork pool: its protocol's pure parts, and the pool with real forks.
+
+The protocol functions are checked against billiard's own where billiard
+has them (the texts of WorkerLostError are part of what a client reads).
+The pool tests fork real children from this process and run tasks of an
+in-memory app; what the parent records for them goes to a recording store.
+Wire behaviour against ``celery worker`` is in tests/interop/test_prefork.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+from billiard.common import SIGMAP as BILLIARD_SIGMAP
+from billiard.common import human_status as billiard_human_status
+from billiard.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded, WorkerLostError
+from celery import Celery
+from hypothesis import given
+from hypothesis import strategies as st
+
+from celerycompat.execution.outcome import Outcome, Settle, State, settle
+from celerycompat.execution.runner import RunSettings, TaskRunner
+from celerycompat.pools import procproto
+from celerycompat.pools.prefork import PreforkPool
+from celerycompat.protocol.message import TaskMessage
+
+# --------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------
+
+
+@given(st.lists(st.tuples(st.text(), st.integers(), st.binary()), min_size=1, max_size=8),
+       st.integers(min_value=1, max_value=64))
+def test_frames_survive_any_chunking(messages, chunk):
+    stream = b"".join(procproto.dumps(m) for m in messages)
+    reader = procproto.FrameReader()
+    out = []
+    for i in range(0, len(stream), chunk):
+        out.extend(reader.feed(stream[i:i + chunk]))
+    assert out == messages
+    assert reader.pending == 0
+
+
+def test_recv_message_keeps_frames_that_arrive_together():
+    a, b = __import__("socket").socketpair()
+    try:
+        a.sendall(procproto.dumps(("one",)) + procproto.dumps(("two",)))
+        reader = procproto.FrameReader()
+        assert procproto.recv_message(b, reader) == ("one",)
+        assert procproto.recv_message(b, reader) == ("two",)
+        a.close()
+        assert procproto.recv_message(b, reader) is None
+    finally:
+        b.close()
+
+
+def test_sigmap_is_billiards():
+    assert procproto.SIGMAP == BILLIARD_SIGMAP
+
+
+@pytest.mark.parametrize("exitcode", [0, 1, 3, 155, -2, -6, -9, -11, -15, -64, None])
+def test_human_status_is_billiards(exitcode):
+    assert procproto.human_status(exitcode) == billiard_human_status(exitcode)
+
+
+def test_worker_lost_texts():
+    assert procproto.worker_lost_text(-9, 4) == \
+        "Worker exited prematurely: signal 9 (SIGKILL) Job: 4."
+    assert procproto.worker_lost_text(-11, 0) == \
+        "Worker exited prematurely: signal 11 (SIGSEGV) Job: 0."
+    assert procproto.worker_lost_text(3, 12) == "Worker exited prematurely: exitcode 3 Job: 12."
+    # the task's own SystemExit (celery.worker.request.Request._worker_lost_info)
+    assert procproto.self_exit_text(4) == "Worker exited prematurely: exitcode 4."
+    assert procproto.self_exit_text(None) == "Worker exited prematurely: exitcode 0."
+    assert procproto.self_exit_text("bye") == "Worker exited prematurely: exitcode 1."
+
+
+def test_exitcode_from_status():
+    assert procproto.exitcode_from_status(3 << 8) == 3
+    assert procproto.exitcode_from_status(signal.SIGKILL) == -9
+
+
+class _Task:
+    def __init__(self, time_limit=None, soft_time_limit=None):
+        self.time_limit, self.soft_time_limit = time_limit, soft_time_limit
+
+
+@pytest.mark.parametrize(("header", "task", "worker", "expected"), [
+    (None, _Task(), (None, None), (None, None)),
+    ([None, None], _Task(), (30.0, 20.0), (30.0, 20.0)),
+    ([None, None], _Task(5, 4), (30.0, 20.0), (5, 4)),
+    ([2, 1], _Task(5, 4), (30.0, 20.0), (2, 1)),
+    ([2, None], _Task(5, 4), (None, None), (2, 4)),
+    ([None, 1.5], None, (None, None), (None, 1.5)),
+    ("garbage", _Task(5, None), (None, None), (5, None)),
+])
+def test_time_limit_precedence(header, task, worker, expected):
+    assert procproto.time_limits(header, task, *worker) == expected
+
+
+@pytest.mark.parametrize(("outcome", "acks_late", "expected"), [
+    (Outcome(State.FAILURE, is_worker_lost=True, requeue=True), True, Settle.REQUEUE),
+    (Outcome(State.FAILURE, is_worker_lost=True, requeue=True), False, Settle.NOTHING),
+    (Outcome(State.FAILURE, is_worker_lost=True), True, Settle.ACK),
+    (Outcome(State.SUCCESS, is_worker_lost=True), True, Settle.ACK),
+    (Outcome(State.RETRY, is_worker_lost=True), True, Settle.ACK),
+])
+def test_settle_worker_lost(outcome, acks_late, expected):
+    assert settle(outcome, acks_late=acks_late, acks_on_failure_or_timeout=True) is expected
+
+
+def test_settle_worker_lost_without_acks_on_failure_drops():
+    assert settle(Outcome(State.FAILURE, is_worker_lost=True), acks_late=True,
+                  acks_on_failure_or_timeout=False) is Settle.DROP
+
+
+# --------------------------------------------------------------------------
+# The pool, with real children
+# --------------------------------------------------------------------------
+
+
+class RecordingStore:
+    """What the parent stores for children that cannot (lost, timed out)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.failures = []
+
+    def mark_as_failure(self, task_id, exc, traceback=None, request=None,
+                        store_result=True, call_errbacks=True):
+        self.failures.append((task_id, exc, traceback))
+
+    def mark_as_started(self, *a, **kw):
+        pass
+
+    def mark_as_done(self, *a, **kw):
+        pass
+
+    def mark_as_retry(self, *a, **kw):
+        pass
+
+
+@pytest.fixture
+def app():
+    app = Celery(f"t{uuid.uuid4().hex[:6]}", broker="memory://", backend="cache+memory://",
+                 set_as_current=False)
+
+    @app.task(name="t.pid", shared=False)
+    def pid():
+        return os.getpid()
+
+    @app.task(name="t.die", shared=False)
+    def die(how):
+        if how == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(3)
+
+    @app.task(name="t.sleep", shared=False)
+    def sleep(seconds):
+        try:
+            time.sleep(seconds)
+        except SoftTimeLimitExceeded:
+            return "soft"
+        return "slept"
+
+    app.finalize()
+    return app
+
+
+def message(task: str, args=(), timelimit=None) -> TaskMessage:
+    task_id = str(uuid.uuid4())
+    request = {"id": task_id, "task": task, "retries": 0, "args": list(args),
+               "kwargs": {}, "timelimit": timelimit, "delivery_info": {}}
+    return TaskMessage(task=task, id=task_id, name=task, args=list(args), kwargs={},
+                       embed={"callbacks": None, "errbacks": None, "chain": None,
+                              "chord": None},
+                       request=request, delivery_info={}, timelimit=timelimit)
+
+
+@pytest.fixture
+def make_pool(app):
+    pools = []
+    stores = []
+
+    def store_for(app, backend):
+        store = RecordingStore(backend)
+        stores.append(store)
+        return store
+
+    def make(limit=2, **kwargs):
+        runner = TaskRunner(app, RunSettings(hostname="t@h"), store_for)
+        pool = PreforkPool(runner, limit, hostname="t@h", **kwargs)
+        pool.start()
+        pool.stores = stores
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.stop(wait=False)
+
+
+def run(pool, msg, timeout=15.0) -> Outcome:
+    done = threading.Event()
+    box = []
+
+    def on_done(outcome):
+        box.append(outcome)
+        done.set()
+
+    pool.apply(msg.task, msg, on_done)
+    assert done.wait(timeout), "no outcome"
+    assert len(box) == 1
+    return box[0]
+
+
+def wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_tasks_run_in_the_children(make_pool):
+    pool = make_pool(2)
+    outcome = run(pool, message("t.pid"))
+    assert outcome.state is State.SUCCESS and outcome.retval is None
+    child_pid = int(outcome.result_repr)
+    assert child_pid != os.getpid() and child_pid in pool.processes
+    assert len(pool.processes) == 2
+    info = pool.info()
+    assert info["implementation"] == "celery.concurrency.prefork:TaskPool"
+    assert info["max-concurrency"] == 2 and info["writes"]["total"] == 1
+
+
+@pytest.mark.parametrize(("how", "status"), [("sigkill", "signal 9 (SIGKILL)"),
+                                             ("exit3", "exitcode 3")])
+def test_a_dead_child_is_reported_and_replaced(make_pool, how, status):
+    pool = make_pool(2)
+    before = set(pool.processes)
+    first = run(pool, message("t.pid"))  # job 0
+    msg = message("t.die", (how,))  # job 1
+    outcome = run(pool, msg)
+    assert outcome.state is State.FAILURE and outcome.is_worker_lost
+    text = f"Worker exited prematurely: {status} Job: 1."
+    assert outcome.exception_repr == repr(WorkerLostError(text))
+    [(task_id, exc, traceback)] = pool.stores[-1].failures
+    assert task_id == msg.id and isinstance(exc, WorkerLostError) and traceback is None
+    assert str(exc) == text
+    assert wait_for(lambda: len(pool.processes) == 2)
+    assert set(pool.processes) != before
+    assert first.state is State.SUCCESS
+    assert run(pool, message("t.pid")).state is State.SUCCESS
+
+
+def test_hard_time_limit_kills_and_replaces(make_pool):
+    pool = make_pool(1)
+    started = time.monotonic()
+    outcome = run(pool, message("t.sleep", (30,), timelimit=[0.5, None]))
+    assert time.monotonic() - started < 5
+    assert outcome.state is State.FAILURE and outcome.is_timeout
+    assert outcome.exception_repr == repr(TimeLimitExceeded(0.5))
+    [(_, exc, traceback)] = pool.stores[-1].failures
+    assert exc.args == (0.5,) and traceback is None
+    assert run(pool, message("t.pid")).state is State.SUCCESS
+
+
+def test_soft_time_limit_raises_in_the_task(make_pool):
+    pool = make_pool(1, soft_time_limit=0.3)
+    outcome = run(pool, message("t.sleep", (30,)))
+    assert outcome.state is State.SUCCESS and outcome.result_repr == "'soft'"
+
+
+def test_max_tasks_per_child_recycles(make_pool):
+    pool = make_pool(1, max_tasks_per_child=2)
+    pids = [int(run(pool, message("t.pid")).result_repr) for _ in range(5)]
+    assert pids[0] == pids[1] and pids[2] == pids[3] and pids[1] != pids[2] != pids[4]
+
+
+def test_warm_stop_waits_for_children(make_pool):
+    pool = make_pool(2)
+    pids = list(pool.processes)
+    pool.stop(wait=True)
+    assert pool.processes == []
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
