@@ -14,7 +14,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import queue
 import time
 from collections import Counter, deque
@@ -87,6 +86,8 @@ class Request:
     """Counted as acked, but the broker ack is sent once the task is over (solo)."""
     time_start: float | None = None
     context: Any = field(default=None, repr=False)
+    pid_lookup: Callable[[str], Any] | None = field(default=None, repr=False)
+    """``pool.pid_for``, set when the request starts (``worker_pid`` in info)."""
 
     @property
     def acks_late(self) -> bool:
@@ -164,8 +165,8 @@ class Request:
             "time_start": self.time_start,
             "acknowledged": self.acked,
             "delivery_info": message.delivery_info,
-            # B38: the pool process pid; our in-process pools run in this one.
-            "worker_pid": os.getpid() if self.time_start is not None else None,
+            "worker_pid": self.pid_lookup(message.id)
+            if self.time_start is not None and self.pid_lookup is not None else None,
         }
 
 
@@ -398,6 +399,7 @@ class Consumer:
     def _start(self, request: Request) -> None:
         """Accept: record active, ack early-ack tasks, hand to the pool (B5)."""
         request.time_start = time.time()
+        request.pid_lookup = self.pool.pid_for
         self.active[id(request)] = request
         self.total_count[request.message.name] += 1
         if not request.acks_late:

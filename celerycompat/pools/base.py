@@ -45,6 +45,9 @@ class Pool(Protocol):
     def info(self) -> dict:
         """The ``pool`` section of ``inspect stats`` (F10), in Celery's shape."""
 
+    def pid_for(self, task_id: str) -> int | None:
+        """The pid of the process running ``task_id`` (``worker_pid``, B38)."""
+
     def stop(self, wait: bool = True) -> None:
         """Stop taking tasks; with ``wait`` return only when running ones are done."""
 

@@ -170,6 +170,13 @@ class PreforkPool:
             })
         return out
 
+    def pid_for(self, task_id: str) -> int | None:
+        """The child running ``task_id``, if one has accepted it."""
+        for worker in self.workers():
+            if worker["task_id"] == task_id:
+                return worker["pid"]
+        return None
+
     def info(self) -> dict[str, Any]:
         """The ``pool`` section of ``inspect stats``, in the shape of Celery's
         prefork pool (``TaskPool._get_info`` + ``AsynPool.human_write_stats``)."""

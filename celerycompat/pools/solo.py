@@ -38,5 +38,9 @@ class SoloPool:
                 "processes": [os.getpid()], "max-tasks-per-child": None,
                 "put-guarded-by-semaphore": True, "timeouts": []}
 
+    def pid_for(self, task_id: str) -> int:
+        """Tasks run in this process (Celery reports a thread ident here, B38 FLAG)."""
+        return os.getpid()
+
     def stop(self, wait: bool = True) -> None:
         """Nothing runs in the background, so there is nothing to stop."""

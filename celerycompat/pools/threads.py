@@ -7,6 +7,7 @@ pool needs no result plumbing of its own.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from typing import Any
@@ -51,6 +52,10 @@ class ThreadPool:
         """The ``pool`` section of ``inspect stats``, as Celery's threads pool reports it."""
         return {"implementation": self.name, "max-concurrency": self.limit,
                 "threads": len(self._threads)}
+
+    def pid_for(self, task_id: str) -> int:
+        """Tasks run in this process (Celery reports a thread ident here, B38 FLAG)."""
+        return os.getpid()
 
     def stop(self, wait: bool = True) -> None:
         for _ in self._threads:

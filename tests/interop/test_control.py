@@ -174,3 +174,33 @@ def test_inspect_and_control_replies_match_celery(broker, interop_log_dir):
                        for k in kinds[:2])
         diff = "\n".join(difflib.unified_diff(left, right, kinds[0], kinds[1], lineterm=""))
         assert left == right, diff
+
+
+def active_pids_are_pool_processes(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
+    spec = harness.WorkerSpec(project=PROJECT, pool="prefork", concurrency=2)
+    worker = harness.WorkerProcess(kind, spec, broker, log_dir).start()
+    try:
+        worker.wait_ready()
+        with harness.client_app(PROJECT, worker.env) as app:
+            running = [app.send_task("proj_basic.tasks.slow_started", (3,)) for _ in range(2)]
+            deadline = time.monotonic() + 15
+            active: list = []
+            while time.monotonic() < deadline:
+                active = ask(app, worker.nodename, "active")[0]
+                if len(active) == 2 and all(info["worker_pid"] for info in active):
+                    break
+                time.sleep(0.1)
+            processes = ask(app, worker.nodename, "stats")[0]["pool"]["processes"]
+            for result in running:
+                result.get(timeout=30)
+        pids = sorted(info["worker_pid"] for info in active)
+        return [len(active), all(pid in processes for pid in pids), len(set(pids))]
+    finally:
+        worker.stop()
+        broker.forget_queue(worker.token, worker.queue)
+
+
+def test_prefork_active_reports_the_child_pid(broker, interop_log_dir):
+    """``inspect active``'s ``worker_pid`` is the pool child running the task (B38)."""
+    for kind in harness.selected_kinds():
+        assert active_pids_are_pool_processes(kind, broker, interop_log_dir) == [2, True, 2], kind
