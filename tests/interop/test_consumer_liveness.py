@@ -14,8 +14,9 @@ import shlex
 import subprocess
 import time
 
-import harness
 import pytest
+
+import harness
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import time
 
-import harness
 import pytest
+
+import harness
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 

@@ -15,8 +15,9 @@ import json
 import threading
 import time
 
-import harness
 import pytest
+
+import harness
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 

@@ -19,8 +19,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import harness
 import pytest
+
+import harness
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 

@@ -31,6 +31,7 @@ import uuid
 import pytest
 import redis
 from celery import chain, chord, group
+
 from harness import Raw, last_line, plain, ttl_bucket
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]

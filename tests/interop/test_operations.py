@@ -39,9 +39,10 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-import harness
 import pytest
 import redis
+
+import harness
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 

@@ -14,6 +14,6 @@ app.autodiscover_tasks()
 @signals.worker_ready.connect
 def on_worker_ready(sender=None, **kwargs):
     # The interop harness waits for this record before calling a worker ready.
-    from djproj_interop.notes.recorder import record
+    from ccit_recorder import record
 
     record("worker_ready", hostname=getattr(sender, "hostname", None))

@@ -11,7 +11,7 @@ attribute a project would read from them.
 
 from celery import signals
 
-from .recorder import record
+from ccit_recorder import record
 
 
 def _name(task):

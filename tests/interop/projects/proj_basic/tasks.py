@@ -11,8 +11,9 @@ import time
 
 from celery import Task
 
+from ccit_recorder import record
+
 from .celery import app
-from .recorder import record
 
 
 class ProjectError(Exception):

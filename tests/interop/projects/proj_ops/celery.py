@@ -10,7 +10,7 @@ import os
 
 from celery import Celery, signals
 
-from .recorder import record
+from ccit_recorder import record
 
 app = Celery("proj_ops", include=["proj_ops.tasks"])
 app.conf.update(

@@ -3,8 +3,9 @@
 import os
 import time
 
+from ccit_recorder import _redis, record
+
 from .celery import app
-from .recorder import _redis, record
 
 
 def _count_run(task_id):

@@ -11,7 +11,7 @@ import os
 
 from celery import signals
 
-from .recorder import record
+from ccit_recorder import record
 
 _MAIN_PID = os.getpid()
 

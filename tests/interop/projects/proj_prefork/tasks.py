@@ -16,8 +16,9 @@ import redis
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 
+from ccit_recorder import record
+
 from .celery import app
-from .recorder import record
 
 _redis = None
 

@@ -5,7 +5,7 @@ Harness variables (set for the worker and the client alike):
 ``CC_TEST_BROKER``, ``CC_TEST_BACKEND``   broker and result backend URLs
 ``CC_TEST_QUEUE``                         ``task_default_queue``, unique per worker;
                                           every extra queue below is named after it
-``CC_TEST_RECORD_URL``, ``CC_TEST_RECORD`` where ``recorder.record`` RPUSHes
+``CC_TEST_RECORD_URL``, ``CC_TEST_RECORD`` where ``ccit_recorder.record`` RPUSHes
 
 Variant variables (one worker per distinct combination):
 

@@ -7,7 +7,7 @@ path taken differently even when the stored result happens to agree.
 
 from celery import signals
 
-from .recorder import record
+from ccit_recorder import record
 
 
 def _exc(exc):

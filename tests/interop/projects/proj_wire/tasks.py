@@ -12,8 +12,9 @@ import uuid
 import redis
 from celery.exceptions import Ignore, Reject
 
+from ccit_recorder import record
+
 from .celery import app
-from .recorder import record
 
 
 class WireError(Exception):

@@ -1,5 +1,8 @@
 """Append what the worker did, in order, to a Redis list the test reads.
 
+Shared by every test project (the projects directory is on ``sys.path`` of
+the worker, which runs from it, and of the test process).
+
 Hooks and signals run inside the worker process; the only channel back to the
 test is the outside world, so each call RPUSHes one JSON entry
 ``[event, detail]`` to the list ``CC_TEST_RECORD`` at ``CC_TEST_RECORD_URL``.
