@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import queue
 import time
 from collections import Counter, deque
@@ -23,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from celery import signals
 from celery.exceptions import NotRegistered
+from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed
 
@@ -199,6 +201,10 @@ class Consumer:
         self.processed = 0
         #: Tasks accepted by name (``inspect stats`` ``total``).
         self.total_count: Counter[str] = Counter()
+        #: Revoked task ids (B17): bounded, entries expire once the set is full.
+        self.revoked = LimitedSet(
+            maxlen=int(os.environ.get("CELERY_WORKER_REVOKES_MAX", 50000)),
+            expires=float(os.environ.get("CELERY_WORKER_REVOKE_EXPIRES", 10800)))
         #: The pidbox node (built by ``control(self)``), restarted on every connection.
         self.control = control(self) if control is not None else None
         self.dispatcher = dispatcher
@@ -354,7 +360,7 @@ class Consumer:
             data = {"id": message.id, "name": message.name, "args": message.argsrepr,
                     "kwargs": message.kwargsrepr, "eta": message.eta}
             strategy_logger.info("Task %(name)s[%(id)s] received", data, extra={"data": data})
-        if self._expired(request):
+        if self._discarded(request):
             return
         signals.task_received.send(sender=self, request=request)
         if self.events is not None:
@@ -392,7 +398,7 @@ class Consumer:
     def _start_reserved(self) -> None:
         while self.reserved and self._free_slots() > 0 and not self.should_stop:
             request = self.reserved.popleft()
-            if request.generation != self.generation or self._expired(request):
+            if request.generation != self.generation or self._discarded(request):
                 continue
             self._start(request)
 
@@ -568,12 +574,18 @@ class Consumer:
         signals.task_unknown.send(sender=self, message=delivery.handle, exc=KeyError(name),
                                   name=name, id=task_id)
 
-    def _expired(self, request: Request) -> bool:
-        """A task past its ``expires`` is revoked: REVOKED stored, message acked (B16)."""
-        expires = request.message.expires
-        if expires is None or datetime.now(timezone.utc) <= expires:
-            return False
+    def _discarded(self, request: Request) -> bool:
+        """Expired (B16) or revoked (B18): REVOKED stored, message acked, not run.
+
+        Checked on receipt and again just before the task would start.
+        """
         message = request.message
+        expires = message.expires
+        expired = expires is not None and datetime.now(timezone.utc) > expires
+        if expired:
+            self.revoked.add(message.id)
+        elif message.id not in self.revoked:
+            return False
         request_logger.info("Discarding revoked task: %s[%s]", message.name, message.id)
         context = build_context(message, request_dict(message, hostname=self.hostname,
                                                       loglevel=None, logfile=None))
@@ -581,15 +593,15 @@ class Consumer:
             else request.task.ignore_result
         store_errors = (not ignore) or request.task.store_errors_even_if_ignored
         try:
-            self.store.mark_as_revoked(message.id, "expired", context,
-                                       store_result=store_errors)
+            self.store.mark_as_revoked(message.id, "expired" if expired else "revoked",
+                                       context, store_result=store_errors)
         except Exception:
             logger.exception("Could not store REVOKED for %s", message.id)
         self._ack(request)
         if self.events is not None:
-            self.events.revoked(request, expired=True)
+            self.events.revoked(request, expired=expired)
         signals.task_revoked.send(sender=request.task, request=context, terminated=False,
-                                  signum=None, expired=True)
+                                  signum=None, expired=expired)
         return True
 
     # -- shutdown ------------------------------------------------------------------

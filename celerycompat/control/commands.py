@@ -7,7 +7,7 @@ Celery worker's. ``state`` is a `ControlState`, with the attributes
 (``app``, ``hostname``, ``consumer``) that custom commands registered with
 ``@inspect_command``/``@control_command`` read from Celery's own state.
 
-Commands that need machinery ccworker does not have yet (revoke, rate
+Commands that need machinery ccworker does not have yet (terminate, rate
 limits, pool resizing, adding consumers...) are not registered: a client
 asking for one gets Celery's answer to an unknown command,
 ``{"error": "KeyError('<name>')"}``, rather than an ``ok`` for something
@@ -99,7 +99,12 @@ def hello(state: ControlState, from_node: str, revoked: Any = None, **kwargs: An
     if from_node == state.hostname:
         return None
     logger.info("sync with %s", from_node)
-    return {"revoked": [], "clock": state.app.clock.forward()}
+    known = state.consumer.revoked
+    if revoked:
+        for task_id in revoked if isinstance(revoked, (list, tuple)) else [revoked]:
+            known.add(task_id)
+    known.purge()  # expired ids are not passed on
+    return {"revoked": list(known), "clock": state.app.clock.forward()}
 
 
 @command("report")
@@ -136,6 +141,56 @@ def scheduled(state: ControlState, **kwargs: Any) -> list[dict]:
          "request": request.info()}
         for request in state.consumer.scheduled_requests()
     ]
+
+
+@command("revoke")
+def revoke(state: ControlState, task_id: Any, terminate: bool = False, signal: Any = None,
+           **kwargs: Any) -> dict[str, str]:
+    """Flag ids as revoked (B17-B20): they are discarded (REVOKED) if they arrive or wait here.
+
+    As Celery 5.7, REVOKED is also written at once for every id this worker
+    is not running whose stored state is not final or started elsewhere.
+    Terminating a *running* task is not supported yet: rather than answer
+    "ok", the reply is an error naming the tasks that keep running.
+    """
+    ids = task_id if isinstance(task_id, (list, tuple, set)) else [task_id]
+    task_ids = {str(i) for i in ids if i is not None}
+    consumer = state.consumer
+    consumer.revoked.update(task_ids)
+    running = {request.id for request in consumer.active_requests()} & task_ids
+    _store_revoked(state, task_ids - running)
+    if terminate:
+        if running:
+            return nok(f"terminate is not supported by ccworker yet: {', '.join(sorted(running))} "
+                       "keep running (the other ids are revoked)")
+        waiting = {request.id for request in consumer.reserved_requests()
+                   + consumer.scheduled_requests()} & task_ids
+        if not waiting:
+            return ok("terminate: tasks unknown")
+        return ok(f"terminate: {', '.join(waiting)}")
+    logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
+    return ok(f"tasks {task_ids} flagged as revoked")
+
+
+def _store_revoked(state: ControlState, task_ids: set[str]) -> None:
+    """Celery 5.7 writes REVOKED for ids not final nor started elsewhere (B20).
+
+    Skipped for ``rpc://``: a worker has no reply queue of its own to read
+    a state from (C19 FLAG: Celery declares one and logs a RuntimeError).
+    """
+    from celery import states
+    from celery.backends.rpc import RPCBackend
+
+    backend = state.app.backend
+    if isinstance(backend, RPCBackend):
+        return
+    for task_id in task_ids:
+        try:
+            if backend.get_state(task_id) in (states.PENDING, states.RECEIVED, states.RETRY,
+                                              states.REJECTED):
+                backend.mark_as_revoked(task_id, reason="revoked", store_result=True)
+        except Exception as exc:
+            logger.warning("Failed to mark task %s as revoked in backend: %s", task_id, exc)
 
 
 @command("revoked", "dump_revoked")
