@@ -110,6 +110,7 @@ class Worker:
             dispatcher=self._event_dispatcher(),
             heartbeat_interval=None if options.without_heartbeat else options.heartbeat_interval,
             control=self._control_mailbox,
+            mingle=not options.without_mingle,
         )
 
     def _broker(self) -> KombuBroker:

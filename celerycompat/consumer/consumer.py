@@ -29,6 +29,7 @@ from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed
 
 from celerycompat.consumer.broker import Broker, Delivery
+from celerycompat.control.mingle import COMPATIBLE_TRANSPORTS, Mingle
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.events.heartbeat import Heart
 from celerycompat.events.task_events import TaskEvents
@@ -180,7 +181,8 @@ class Consumer:
                  decode: wire.Decoder, hostname: str, prefetch_multiplier: int,
                  purge: bool = False, dispatcher: EventDispatcher | None = None,
                  heartbeat_interval: float | None = None,
-                 control: Callable[[Consumer], Any] | None = None) -> None:
+                 control: Callable[[Consumer], Any] | None = None,
+                 mingle: bool = False) -> None:
         self.app = app
         self.broker_factory = broker_factory
         self.broker: Broker | None = None
@@ -207,6 +209,7 @@ class Consumer:
             expires=float(os.environ.get("CELERY_WORKER_REVOKE_EXPIRES", 10800)))
         #: The pidbox node (built by ``control(self)``), restarted on every connection.
         self.control = control(self) if control is not None else None
+        self.mingle = Mingle(app, hostname, self.revoked) if mingle else None
         self.dispatcher = dispatcher
         self.events = TaskEvents(dispatcher) if dispatcher is not None else None
         self.heart = Heart(dispatcher, interval=heartbeat_interval,
@@ -241,6 +244,9 @@ class Consumer:
         self.broker = broker
         if self.control is not None:
             self.control.start(broker.connection)
+        if self.mingle is not None and broker.connection.transport.driver_type in \
+                COMPATIBLE_TRANSPORTS:
+            self.mingle.begin()
 
     # -- the loop ----------------------------------------------------------------
 
@@ -290,6 +296,8 @@ class Consumer:
             timeout = max(0.0, min(timeout, self._eta[0][0] - time.time()))
         if self.heart is not None:
             timeout = min(timeout, self.heart.seconds_to_next())
+        if self.mingle is not None and not self.mingle.done:
+            timeout = min(timeout, 0.05)
         return timeout
 
     def _on_connection_lost(self, exc: BaseException) -> None:
@@ -396,6 +404,11 @@ class Consumer:
         return self.pool.limit - len(self.active)
 
     def _start_reserved(self) -> None:
+        if self.mingle is not None and not self.mingle.done:
+            # Peers' revoked ids are not merged yet: nothing starts before.
+            self.mingle.poll()
+            if not self.mingle.done:
+                return
         while self.reserved and self._free_slots() > 0 and not self.should_stop:
             request = self.reserved.popleft()
             if request.generation != self.generation or self._discarded(request):

@@ -272,3 +272,46 @@ def test_revoke_matches_celery(broker, interop_log_dir):
                        for k in kinds[:2])
         diff = "\n".join(difflib.unified_diff(left, right, kinds[0], kinds[1], lineterm=""))
         assert left == right, diff
+
+
+class MingleSpec(harness.WorkerSpec):
+    """The harness's flags with mingle left on: mingle is under test."""
+
+    def flags(self, nodename: str) -> list[str]:
+        return [flag for flag in super().flags(nodename) if flag != "--without-mingle"]
+
+
+def test_mingle_merges_a_peers_revoked_ids(interop_log_dir, redis_available):
+    """G4: a worker starting beside another learns its revoked ids and says so in its log."""
+    broker = harness.BrokerEnv("redis", harness.redis_db_url(harness.BROKER_DB))
+    peer = harness.WorkerProcess("celery", harness.WorkerSpec(project=PROJECT), broker,
+                                 interop_log_dir).start()
+    seen = {}
+    try:
+        peer.wait_ready()
+        revoked_id = f"revoked-by-peer-{peer.token}"
+        with harness.client_app(PROJECT, peer.env) as app:
+            assert ask(app, peer.nodename, "revoke", task_id=revoked_id)
+            for kind in harness.selected_kinds():
+                worker = harness.WorkerProcess(kind, MingleSpec(project=PROJECT), broker,
+                                               interop_log_dir).start()
+                try:
+                    worker.wait_ready()
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline and "mingle: sync" not in worker.log():
+                        time.sleep(0.1)
+                    log = worker.log()
+                    seen[kind] = [
+                        [line.split("] ", 1)[1] for line in log.splitlines()
+                         if "mingle:" in line],
+                        revoked_id in ask(app, worker.nodename, "revoked")[0],
+                    ]
+                finally:
+                    worker.stop()
+                    broker.forget_queue(worker.token, worker.queue)
+    finally:
+        peer.stop()
+        broker.forget_queue(peer.token, peer.queue)
+    for kind, value in seen.items():
+        assert value == [["mingle: searching for neighbors", "mingle: sync with 1 nodes",
+                          "mingle: sync complete"], True], (kind, value)

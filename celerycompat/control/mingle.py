@@ -1,0 +1,72 @@
+"""Mingle: at every (re)connection, sync revoked ids and the clock with peers (G4).
+
+Celery's worker broadcasts ``hello`` and blocks consumption for the reply
+timeout (1 s). Here the request runs on a thread of its own (with its own
+connection, through the app's ``control.inspect``) while the consumer
+already serves its mailbox and receives messages; only *starting* tasks
+waits until the replies are merged, so a task revoked on a peer is still
+never run here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+logger = logging.getLogger("celery.worker.consumer.mingle")
+
+#: Transports Celery runs mingle on.
+COMPATIBLE_TRANSPORTS = frozenset({"amqp", "redis", "gcpubsub"})
+
+
+class Mingle:
+    def __init__(self, app: Any, hostname: str, revoked: Any, *, timeout: float = 1.0) -> None:
+        self.app = app
+        self.hostname = hostname
+        self.revoked = revoked
+        self.timeout = timeout
+        self.done = True
+        self._replies: dict[str, Any] | None = None
+        self._thread: threading.Thread | None = None
+
+    def begin(self) -> None:
+        """Send ``hello`` to the cluster; `poll` applies the replies when they are in."""
+        logger.info("mingle: searching for neighbors")
+        self.done = False
+        self._replies = None
+        ours = list(self.revoked)
+        self._thread = threading.Thread(target=self._ask, args=(ours,), name="mingle",
+                                        daemon=True)
+        self._thread.start()
+
+    def _ask(self, ours: list[str]) -> None:
+        try:
+            replies = self.app.control.inspect(timeout=self.timeout).hello(
+                self.hostname, ours) or {}
+        except Exception as exc:
+            logger.warning("mingle: could not reach the other workers: %r", exc)
+            replies = {}
+        replies.pop(self.hostname, None)
+        self._replies = replies
+
+    def poll(self) -> None:
+        """On the consumer thread: merge the replies once they have arrived."""
+        if self.done or self._replies is None:
+            return
+        replies, self._replies = self._replies, None
+        self.done = True
+        answered = {node: reply for node, reply in replies.items() if reply}
+        if not answered:
+            logger.info("mingle: all alone")
+            return
+        logger.info("mingle: sync with %s nodes", len(answered))
+        for node, reply in answered.items():
+            try:
+                clock = reply.get("clock")
+                self.app.clock.adjust(clock) if clock else self.app.clock.forward()
+                for task_id in reply.get("revoked") or ():
+                    self.revoked.add(task_id)
+            except Exception as exc:
+                logger.exception("mingle: sync with %s failed: %r", node, exc)
+        logger.info("mingle: sync complete")
