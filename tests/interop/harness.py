@@ -1111,6 +1111,18 @@ def run_differential(scenario: Callable, broker: BrokerEnv, *, cache: WorkerCach
     return results[kinds[0]], results[kinds[1]]
 
 
+def assert_same_across_kinds(observed: dict) -> None:
+    """For tests that collect their own observations per worker kind: the
+    first two kinds must have observed the same thing (a JSON diff if not)."""
+    kinds = list(observed)
+    if len(kinds) < 2:
+        return
+    left, right = (json.dumps(observed[kind], indent=1, default=str).splitlines()
+                   for kind in kinds[:2])
+    diff = "\n".join(difflib.unified_diff(left, right, kinds[0], kinds[1], lineterm=""))
+    assert left == right, diff
+
+
 def default_log_dir() -> Path:
     """Where worker logs go: ``CC_LOG_DIR`` or a per-session temp dir (kept, so
     the paths printed on failure still work after the run)."""

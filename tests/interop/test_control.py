@@ -11,7 +11,6 @@ clocks, times, queue names, resource usage figures.
 from __future__ import annotations
 
 import datetime
-import difflib
 import json
 import re
 import subprocess
@@ -170,11 +169,7 @@ def test_inspect_and_control_replies_match_celery(broker, interop_log_dir):
     assert first["ping"] == [{"ok": "pong"}]
     assert len(first["active"]) == 2 and len(first["scheduled"][0]) == 1
     assert first["shutdown"] == [] and first["exit code"] == 0
-    if len(kinds) > 1:
-        left, right = (json.dumps(observed[k], indent=1, default=str).splitlines()
-                       for k in kinds[:2])
-        diff = "\n".join(difflib.unified_diff(left, right, kinds[0], kinds[1], lineterm=""))
-        assert left == right, diff
+    harness.assert_same_across_kinds(observed)
 
 
 def active_pids_are_pool_processes(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
@@ -267,11 +262,7 @@ def test_revoke_matches_celery(broker, interop_log_dir):
         assert '"status": "REVOKED"' in cc["meta queued"], cc["meta queued"]
     for kind in observed:
         observed[kind] = [entry for entry in observed[kind] if entry[0] != "meta queued"]
-    if len(kinds) > 1:
-        left, right = (json.dumps(observed[k], indent=1, default=str).splitlines()
-                       for k in kinds[:2])
-        diff = "\n".join(difflib.unified_diff(left, right, kinds[0], kinds[1], lineterm=""))
-        assert left == right, diff
+    harness.assert_same_across_kinds(observed)
 
 
 class MingleSpec(harness.WorkerSpec):
