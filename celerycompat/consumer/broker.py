@@ -60,6 +60,12 @@ class Broker(Protocol):
     def poll(self, timeout: float) -> None:
         """Deliver whatever has arrived, waiting at most ``timeout`` seconds."""
 
+    def add_queue(self, queue: Any) -> None:
+        """Declare ``queue`` and consume from it as well."""
+
+    def cancel_queue(self, name: str) -> None:
+        """Stop consuming from the queue called ``name``."""
+
     def cancel(self) -> None:
         """Stop deliveries; keep the connection to settle messages in hand."""
 

@@ -475,6 +475,36 @@ class Consumer:
         if self.events is not None:
             self.events.finished(request, outcome, decision)
 
+    # -- queues changed at run time (add_consumer / cancel_consumer) ---------------
+
+    def add_task_queue(self, name: str, exchange: str | None = None,
+                       exchange_type: str | None = None, routing_key: str | None = None,
+                       **options: Any) -> None:
+        """Consume from one more queue: a known one, or a new one declared as Celery does."""
+        if any(queue.name == name for queue in self.queues):
+            return
+        queues = self.app.amqp.queues
+        if name in queues:  # ``in``: indexing would create a missing queue
+            queue = queues[name]
+        else:
+            queue = queues.select_add(
+                name, exchange=name if exchange is None else exchange,
+                exchange_type=exchange_type or "direct", routing_key=routing_key, **options)
+        self.queues.append(queue)
+        if self.broker is not None:
+            self.broker.add_queue(queue)
+        logger.info("Started consuming from %s", name)
+
+    def cancel_task_queue(self, name: str) -> None:
+        logger.info("Canceling queue %s", name)
+        try:
+            self.app.amqp.queues.deselect(name)
+        except KeyError:
+            pass
+        self.queues = [queue for queue in self.queues if queue.name != name]
+        if self.broker is not None:
+            self.broker.cancel_queue(name)
+
     # -- what inspect commands report ---------------------------------------------
 
     def active_requests(self) -> list[Request]:

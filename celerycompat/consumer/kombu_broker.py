@@ -149,6 +149,19 @@ class KombuBroker:
             self._next_heartbeat_check = now + min(1.0, interval / max(self._heartbeat_rate, 1.0))
             self.connection.heartbeat_check(rate=self._heartbeat_rate)
 
+    def add_queue(self, queue: Any) -> None:
+        """Declare ``queue`` and start consuming from it too (``add_consumer``)."""
+        assert self._consumer is not None
+        bound = queue.bind(self._channel)
+        bound.declare()
+        self._consumer.add_queue(bound)
+        self._consumer.consume()
+
+    def cancel_queue(self, name: str) -> None:
+        """Stop consuming from the queue called ``name`` (``cancel_consumer``)."""
+        if self._consumer is not None:
+            self._consumer.cancel_by_queue(name)
+
     def cancel(self) -> None:
         """Stop deliveries; the channel stays open to settle what is in hand."""
         if self._consumer is not None:

@@ -212,6 +212,20 @@ def query_task(state: ControlState, ids: Any, **kwargs: Any) -> dict[str, Any]:
     return found
 
 
+@command("add_consumer")
+def add_consumer(state: ControlState, queue: str, exchange: Any = None,
+                 exchange_type: Any = None, routing_key: Any = None,
+                 **options: Any) -> dict[str, str]:
+    state.consumer.add_task_queue(queue, exchange, exchange_type, routing_key, **options)
+    return ok(f"add consumer {queue}")
+
+
+@command("cancel_consumer")
+def cancel_consumer(state: ControlState, queue: str, **kwargs: Any) -> dict[str, str]:
+    state.consumer.cancel_task_queue(queue)
+    return ok(f"no longer consuming from {queue}")
+
+
 @command("active_queues")
 def active_queues(state: ControlState, **kwargs: Any) -> list[dict]:
     return [dict(queue.as_dict(recurse=True)) for queue in state.consumer.queues]

@@ -306,3 +306,49 @@ def test_mingle_merges_a_peers_revoked_ids(interop_log_dir, redis_available):
     for kind, value in seen.items():
         assert value == [["mingle: searching for neighbors", "mingle: sync with 1 nodes",
                           "mingle: sync complete"], True], (kind, value)
+
+
+def consumer_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
+    spec = harness.WorkerSpec(project=PROJECT)
+    worker = harness.WorkerProcess(kind, spec, broker, log_dir).start()
+    out: list = []
+    extra = f"{worker.queue}.extra"
+    try:
+        worker.wait_ready()
+        with harness.client_app(PROJECT, worker.env) as app:
+            node = worker.nodename
+            norm = Normaliser(worker, [])
+            def queue_names(until) -> list:
+                # Celery applies add/cancel on its next loop turn, which on an
+                # idle AMQP connection can come after the next request: poll.
+                deadline = time.monotonic() + 10
+                while True:
+                    names = sorted(q["name"] for q in ask(app, node, "active_queues")[0])
+                    if until(names) or time.monotonic() > deadline:
+                        return norm(names)
+                    time.sleep(0.2)
+
+            out.append(["add_consumer", norm(ask(app, node, "add_consumer", queue=extra))])
+            out.append(["queues after add", queue_names(lambda names: extra in names)])
+            result = app.send_task("proj_basic.tasks.add", (1, 2), queue=extra)
+            out.append(["task on the added queue", result.get(timeout=20)])
+            out.append(["cancel_consumer", norm(ask(app, node, "cancel_consumer", queue=extra))])
+            out.append(["queues after cancel", queue_names(lambda names: extra not in names)])
+            app.send_task("proj_basic.tasks.add", (1, 2), queue=extra)
+            time.sleep(1.0)
+            out.append(["left in the cancelled queue", broker.queue_depth(extra)])
+    finally:
+        worker.stop()
+        broker.forget_queue(worker.token, worker.queue)
+        broker.forget_queue(worker.token, extra)
+    return out
+
+
+def test_add_and_cancel_consumer_match_celery(broker, interop_log_dir):
+    """Flower's queue buttons: consume from one more queue, then stop (F11)."""
+    observed = {kind: consumer_scenario(kind, broker, interop_log_dir)
+                for kind in harness.selected_kinds()}
+    first = dict((name, value) for name, value in next(iter(observed.values())))
+    assert first["task on the added queue"] == 3
+    assert first["left in the cancelled queue"] == 1
+    harness.assert_same_across_kinds(observed)
