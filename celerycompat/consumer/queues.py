@@ -18,20 +18,20 @@ def select_queues(app: Any, include: Sequence[str] | None, exclude: Sequence[str
                   nodename: str) -> list[Any]:
     """Apply ``-Q``/``-X`` (and ``worker_direct``) and return the kombu queues."""
     queues = app.amqp.queues
-    try:
-        queues.select(list(include or ()))
-    except KeyError as exc:
-        raise ImproperlyConfigured(
-            f"Trying to select queue subset of {list(include or ())!r}, "
-            f"but queue {exc} isn't defined in the `task_queues` setting."
-        ) from None
-    try:
-        queues.deselect(list(exclude or ()))
-    except KeyError as exc:
-        raise ImproperlyConfigured(
-            f"Trying to deselect queue subset of {list(exclude or ())!r}, "
-            f"but queue {exc} isn't defined in the `task_queues` setting."
-        ) from None
+    _apply(queues.select, "select", include)
+    _apply(queues.deselect, "deselect", exclude)
     if app.conf.worker_direct:
         queues.select_add(worker_direct(nodename))
     return list(queues.consume_from.values())
+
+
+def _apply(change: Any, verb: str, names: Sequence[str] | None) -> None:
+    """``select``/``deselect`` with Celery's error for a queue ``task_queues`` lacks."""
+    wanted = list(names or ())
+    try:
+        change(wanted)
+    except KeyError as exc:
+        raise ImproperlyConfigured(
+            f"Trying to {verb} queue subset of {wanted!r}, "
+            f"but queue {exc} isn't defined in the `task_queues` setting."
+        ) from None
