@@ -42,20 +42,31 @@ class Delivery:
 DeliveryCallback = Callable[[Delivery], None]
 
 
+class ConnectStopped(Exception):
+    """A shutdown was requested while `Broker.connect` waited to retry."""
+
+
 class Broker(Protocol):
     """What the consumer needs from a message transport."""
 
     url_for_log: str
     """The broker URL with its password masked, for the startup log line."""
 
-    def connect(self) -> None:
-        """Open the connection, retrying as ``broker_connection_retry*`` say."""
+    def connect(self, retry: bool = True, max_retries: int | None = None,
+                should_stop: Callable[[], bool] | None = None) -> None:
+        """Open the connection: once, or retrying with backoff up to ``max_retries``
+        (None: forever); `ConnectStopped` once ``should_stop()`` turns true."""
 
     def consume(self, queues: Sequence[Any], on_delivery: DeliveryCallback) -> None:
         """Declare ``queues`` and start delivering their messages to ``on_delivery``."""
 
     def set_prefetch(self, count: int) -> None:
         """Cap un-acked deliveries at ``count`` (0 means no cap)."""
+
+    def limit_fetch(self, room: int | None) -> None:
+        """Take at most ``room`` more deliveries, beyond those in hand, until
+        told again (``--disable-prefetch``; 0: none, None: the prefetch
+        count alone limits). Called every consumer turn with a fresh value."""
 
     def poll(self, timeout: float) -> None:
         """Deliver whatever has arrived, waiting at most ``timeout`` seconds."""
@@ -83,3 +94,14 @@ class Broker(Protocol):
 
     def close(self) -> None:
         """Close; the broker gets every un-acked message back."""
+
+    def break_connection(self) -> None:
+        """Shut every socket down, from any thread: blocked calls fail at once."""
+
+    def abandon(self) -> Any:
+        """The connection is lost: release it without talking to the broker.
+
+        Returns what it still owed the broker (acks, held messages) when a
+        new connection can settle that (an adapter with ``adopt(owed,
+        running_deliveries) -> kept delivery tags``), else None.
+        """

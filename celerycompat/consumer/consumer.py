@@ -6,7 +6,9 @@ Celery's outcomes for a message it cannot run, A24-A27), holds requests until
 a pool slot is free, acknowledges early-ack tasks as they start (B5), and
 settles acks_late messages when their outcome comes back from a pool thread
 through a queue (B6). Prefetch is Celery's: ``concurrency *
-worker_prefetch_multiplier`` un-acked messages at most (B34).
+worker_prefetch_multiplier`` un-acked messages at most (B34), plus one per
+message held for its ETA or waiting for a rate-limit token (ratelimits.py),
+so held messages never take the slots other tasks arrive through.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import itertools
 import logging
 import os
 import queue
+import signal
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -23,12 +26,16 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from celery import signals
-from celery.exceptions import NotRegistered
+from celery.exceptions import InvalidTaskError, NotRegistered, Retry
 from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
-from kombu.exceptions import ContentDisallowed
+from kombu.exceptions import ContentDisallowed, OperationalError
 
-from celerycompat.consumer.broker import Broker, Delivery
+from celerycompat.consumer.broker import Broker, ConnectStopped, Delivery
+from celerycompat.consumer.liveness import break_sockets, kombu_sockets, watchdog
+from celerycompat.consumer.ratelimits import RateLimits
+from celerycompat.consumer.revoked_stamps import RevokedStamps
+from celerycompat.control.gossip import COMPATIBLE_TRANSPORTS as GOSSIP_TRANSPORTS
 from celerycompat.control.mingle import COMPATIBLE_TRANSPORTS, Mingle
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.events.heartbeat import Heart
@@ -42,6 +49,10 @@ logger = logging.getLogger("celery.worker.consumer.consumer")
 strategy_logger = logging.getLogger("celery.worker.strategy")
 request_logger = logging.getLogger("celery.worker.request")
 
+CANCELLED_ON_CONNECTION_LOSS = (
+    "Task %s cannot be acknowledged after a connection loss since late acknowledgement "
+    "is enabled for it.\nTerminating it instead.\n"
+)
 UNKNOWN_MESSAGE = (
     "Received and deleted unknown message.  Wrong destination?!?\n\n"
     "The full contents of the message body was: %s\n"
@@ -68,6 +79,30 @@ INVALID_TASK = (
 DECODE_ERROR = (
     "Can't decode message body: %r [type:%r encoding:%r headers:%s]\n\nbody: %s\n"
 )
+#: AMQP's ``basic.qos`` prefetch count is 16 bits; past it kombu's QoS asks for none.
+PREFETCH_COUNT_MAX = 0xFFFF
+#: Celery's warning when the connection is lost (``%s (%r)`` with the error).
+CONNECTION_RETRY = ("consumer: Connection to broker lost. "
+                    "Trying to re-establish the connection...")
+worker_logger = logging.getLogger("celery.worker.worker")
+
+
+class _GaveUp(Exception):
+    """The broker is not retried any more; the reason is already logged."""
+
+
+class _SetupLost(Exception):
+    """Connected, then lost while declaring and consuming; ``__cause__`` says how."""
+
+
+def _abandon(broker: Any) -> Any:
+    """``broker.abandon()``: release a lost connection without a word to the broker;
+    returns what it still owed (native Redis), or None."""
+    try:
+        return broker.abandon()
+    except Exception:
+        logger.debug("error while abandoning the lost connection", exc_info=True)
+        return None
 
 
 def dump_body(delivery: Delivery) -> str:
@@ -91,6 +126,9 @@ class Request:
     context: Any = field(default=None, repr=False)
     pid_lookup: Callable[[str], Any] | None = field(default=None, repr=False)
     """``pool.pid_for``, set when the request starts (``worker_pid`` in info)."""
+    terminated: bool = False
+    """``revoke(terminate=True)`` ended it: REVOKED announced, its slot still
+    held until the pool reports the run gone (`Consumer.terminate`)."""
 
     @property
     def acks_late(self) -> bool:
@@ -182,7 +220,8 @@ class Consumer:
                  purge: bool = False, dispatcher: EventDispatcher | None = None,
                  heartbeat_interval: float | None = None,
                  control: Callable[[Consumer], Any] | None = None,
-                 mingle: bool = False) -> None:
+                 mingle: bool = False, metrics: Any = None,
+                 disable_prefetch: bool = False) -> None:
         self.app = app
         self.broker_factory = broker_factory
         self.broker: Broker | None = None
@@ -192,14 +231,33 @@ class Consumer:
         self.decode = decode
         self.hostname = hostname
         self.prefetch_multiplier = max(0, int(prefetch_multiplier))
+        #: ``--disable-prefetch``: the broker may deliver only as many messages
+        #: as there are slots with nothing waiting for them (`_fetch_room`).
+        self.disable_prefetch = disable_prefetch
+        limit = app.conf.get("worker_eta_task_limit")  # Celery >= 5.5
+        #: ``worker_eta_task_limit``: the prefetch count never grows past it.
+        self.eta_task_limit: int | None = int(limit) if limit is not None else None
         self.purge = purge
         self.generation = 0
         self.reserved: deque[Request] = deque()
         self.active: dict[int, Request] = {}
         self._eta: list[tuple[float, int, Request]] = []
         self._seq = itertools.count()
-        self._done: queue.SimpleQueue[tuple[Request, Outcome]] = queue.SimpleQueue()
+        #: Token buckets of rate-limited task types and the requests waiting
+        #: on them; None with ``worker_disable_rate_limits`` (Celery reads
+        #: only the setting: ``celery worker`` has no flag for it).
+        self.rate_limits: RateLimits[Request] | None = \
+            None if app.conf.worker_disable_rate_limits else RateLimits()
+        self._qos_over = False
+        self.reset_rate_limits()
+        self._done: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        #: Ids of finished requests whose deferred SUCCESS write is not done yet
+        #: (a count each: an id redelivered meanwhile can be there twice).
+        self._writing: Counter[str] = Counter()
         self.should_stop = False
+        #: Set to 1 when the consumer gave up on the broker (retrying off or
+        #: used up): the worker stops and exits with it, as Celery's does.
+        self.exitcode: int | None = None
         self.processed = 0
         #: Tasks accepted by name (``inspect stats`` ``total``).
         self.total_count: Counter[str] = Counter()
@@ -207,9 +265,13 @@ class Consumer:
         self.revoked = LimitedSet(
             maxlen=int(os.environ.get("CELERY_WORKER_REVOKES_MAX", 50000)),
             expires=float(os.environ.get("CELERY_WORKER_REVOKE_EXPIRES", 10800)))
+        #: Canvas stamps revoked by ``revoke_by_stamped_headers``.
+        self.revoked_stamps = RevokedStamps()
         #: The pidbox node (built by ``control(self)``), restarted on every connection.
         self.control = control(self) if control is not None else None
         self.mingle = Mingle(app, hostname, self.revoked) if mingle else None
+        #: Gossip (control/gossip.py), set by the worker unless --without-gossip.
+        self.gossip: Any = None
         self.dispatcher = dispatcher
         self.events = TaskEvents(dispatcher) if dispatcher is not None else None
         self.heart = Heart(dispatcher, interval=heartbeat_interval,
@@ -217,42 +279,164 @@ class Consumer:
             if dispatcher is not None and heartbeat_interval else None
         self._worker_utc = app.uses_utc_timezone()
         self._worker_tz = app.timezone
+        #: ``--metrics-port``: told what the task events tell, plus each
+        #: connection and loop turn (observability/worker_metrics.py).
+        self.metrics = metrics
+        #: ``--autoscale`` (consumer/autoscale.py), ticked every loop turn.
+        self.autoscaler: Any = None
+        #: The slot count the prefetch count is computed from; None: the pool's
+        #: ``limit``. With --autoscale, its maximum (as Celery's).
+        self.prefetch_slots: int | None = None
 
     # -- connection ------------------------------------------------------------
 
     @property
     def prefetch_count(self) -> int:
-        """Celery's count: slots x multiplier, plus one per held ETA task (B12, B34)."""
+        """Celery's count: slots x multiplier, plus one per held ETA task (B12, B34).
+
+        Plus one per request waiting for a rate-limit token, which Celery
+        does not add: there a flood of one rate-limited type fills every
+        prefetch slot and other types wait behind it (docs/compat.md).
+        """
         if not self.prefetch_multiplier:
             return 0
-        return self.pool.limit * self.prefetch_multiplier + len(self._eta)
+        waiting = len(self.rate_limits) if self.rate_limits is not None else 0
+        slots = self.pool.limit if self.prefetch_slots is None else self.prefetch_slots
+        base = max(slots, 1) * self.prefetch_multiplier
+        held = len(self._eta) + waiting
+        if held and self.eta_task_limit is not None:
+            # ``worker_eta_task_limit``: Celery's QoS stops growing at this
+            # value, so at most that many messages are held in memory.
+            return max(1, min(base + held, self.eta_task_limit))
+        return base + held
 
-    def connect(self) -> None:
-        """Connect, declare and start consuming; called at start and after a loss."""
+    def connect(self, first: bool = False) -> None:
+        """Connect, declare and start consuming; called at start and after a loss.
+
+        Retries as Celery's consumer does: ``broker_connection_retry_on_startup``
+        (``first``, when set) or ``broker_connection_retry`` say whether to,
+        ``broker_connection_max_retries`` how often. Raises `_GaveUp` (after
+        Celery's critical line) when the worker must stop, `ConnectStopped`
+        when a shutdown came during the wait, `_SetupLost` when the
+        connection was lost again while consuming was being set up.
+        """
         self.generation += 1
         broker = self.broker_factory()
-        broker.connect()
+        conf = self.app.conf
+        setting = "broker_connection_retry_on_startup" \
+            if first and conf.broker_connection_retry_on_startup is not None \
+            else "broker_connection_retry"
+        retry = bool(conf[setting])
+        try:
+            broker.connect(retry=retry, max_retries=conf.broker_connection_max_retries,
+                           should_stop=lambda: self.should_stop)
+        except ConnectStopped:
+            raise
+        except OperationalError as exc:  # retries used up: Celery's worker crashes
+            worker_logger.critical("Unrecoverable error: %r", exc, exc_info=True)
+            raise _GaveUp() from exc
+        except Exception as exc:
+            if retry:
+                raise
+            logger.critical(
+                "Retrying to %s a connection to the message broker after a connection "
+                "loss has been disabled (app.conf.%s=False). Shutting down...",
+                "establish" if first else "re-establish", setting)
+            raise _GaveUp() from exc
         logger.info("Connected to %s", broker.url_for_log)
-        if self.purge:
-            count = broker.purge(self.queues)
-            self.purge = False
-            nq = len(self.queues)
-            print(f"Purged {count} {'message' if count == 1 else 'messages'} from "
-                  f"{nq} known task {'queue' if nq == 1 else 'queues'}.", flush=True)
-        broker.set_prefetch(self.prefetch_count)
-        broker.consume(self.queues, self.on_delivery)
+        errors = tuple(getattr(broker, "connection_errors", ())) or (OSError,)
+        try:
+            if self.purge:
+                count = broker.purge(self.queues)
+                self.purge = False
+                nq = len(self.queues)
+                print(f"Purged {count} {'message' if count == 1 else 'messages'} from "
+                      f"{nq} known task {'queue' if nq == 1 else 'queues'}.", flush=True)
+            broker.set_prefetch(self._qos_value())
+            if self.disable_prefetch:
+                broker.limit_fetch(self._fetch_room())
+            broker.consume(self.queues, self.on_delivery)
+        except errors as exc:
+            _abandon(broker)
+            raise _SetupLost(exc) from exc
         self.broker = broker
+        if self.metrics is not None:
+            self.metrics.connected()
         if self.control is not None:
             self.control.start(broker.connection)
+        if self.gossip is not None and broker.connection.transport.driver_type in \
+                GOSSIP_TRANSPORTS:
+            self.gossip.start(broker.connection)
         if self.mingle is not None and broker.connection.transport.driver_type in \
                 COMPATIBLE_TRANSPORTS:
             self.mingle.begin()
+
+    def _establish(self, first: bool, owed: Any = None) -> bool:
+        """Connect until it works, a shutdown comes, or retrying is over.
+
+        ``owed``: what the lost connection's adapter still owed the broker
+        (`Broker.abandon`); the new adapter settles it (``adopt``, native
+        Redis: delivery tags outlive connections there).
+        """
+        while not self.should_stop:
+            try:
+                self.connect(first=first)
+            except ConnectStopped:
+                return False
+            except _GaveUp:
+                self._give_up()
+                return False
+            except _SetupLost as lost:
+                first = False
+                logger.warning("%s (%r)", CONNECTION_RETRY, lost.__cause__)
+                if not self.app.conf.broker_connection_retry:
+                    logger.critical(
+                        "Retrying to re-establish a connection to the message broker after a "
+                        "connection loss has been disabled (app.conf.broker_connection_retry"
+                        "=False). Shutting down...")
+                    self._give_up()
+                    return False
+                time.sleep(1.0)  # the broker flaps: do not spin
+                continue
+            self._adopt(owed)
+            return True
+        return False
+
+    def _adopt(self, owed: Any) -> None:
+        """Hand what the lost connection still owed to the new one (native Redis).
+
+        Running tasks whose message was never acked keep it: the new adapter
+        leases it and acks it when they end, instead of it being restored
+        after ``visibility_timeout`` and run twice. Messages dropped with
+        the connection (reserved, ETA, rate-limited) go back to their queue
+        at once instead of after ``visibility_timeout``.
+        """
+        adopt = getattr(self.broker, "adopt", None)
+        if owed is None or adopt is None:
+            return
+        running = [request for request in self.active.values()
+                   if not request.acked or request.ack_pending]
+        try:
+            kept = adopt(owed, [request.delivery for request in running])
+        except self._connection_errors():
+            logger.warning("Could not settle what the lost connection owed; those "
+                           "messages come back after visibility_timeout", exc_info=True)
+            return
+        for request in running:
+            if request.delivery.handle.delivery_tag in kept:
+                request.generation = self.generation
+
+    def _give_up(self) -> None:
+        """No more retrying: the worker stops (warm) and exits with 1, as Celery's."""
+        self.exitcode = 1
+        self.should_stop = True
 
     # -- the loop ----------------------------------------------------------------
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until `should_stop`; then stop consuming (running tasks go on)."""
-        self.connect()
+        if not self._establish(first=True):
+            return
         if self.heart is not None:
             self.heart.start()
         if on_ready is not None:
@@ -271,29 +455,62 @@ class Consumer:
 
     def _cycle(self) -> None:
         assert self.broker is not None
+        if self.metrics is not None:
+            self.metrics.turned()
         self._settle_finished()
         self._release_due_eta()
+        self._release_rate_limited()
+        if self.autoscaler is not None:
+            self.autoscaler.tick()
         self._start_reserved()
-        if self.reserved and self._free_slots() == 0:
+        room = self._fetch_room()
+        if room is not None:
+            self.broker.limit_fetch(room)
+        if (self.reserved or room == 0) and self._free_slots() == 0:
             # Nothing can start until a slot frees: wait for that instead of
-            # the broker, but still let deliveries in (prefetch).
+            # the broker, but still let deliveries in (prefetch) and serve
+            # the pidbox.
             self._wait_for_finished(0.05)
             self.broker.poll(0)
+        elif self._writing and not self.reserved:
+            # Results being written hold their messages (and so the prefetch
+            # window): the next deliveries come once they are settled, so
+            # wait for the writes, not the broker.
+            self.broker.poll(0)
+            if not self.reserved:
+                self._wait_for_finished(0.005)
         else:
             self.broker.poll(self._poll_timeout())
         self._events_tick()
 
     def _events_tick(self) -> None:
-        """Heartbeat when due; send this turn's task events as one batch (E2)."""
-        if self.heart is not None:
-            self.heart.tick()
-        if self.dispatcher is not None:
+        """Heartbeat when due; send this turn's task events as one batch (E2).
+
+        Under the liveness watchdog: a publish on a half-open event
+        connection (Redis waits for PUBLISH's reply) would block the
+        consumer for good.
+        """
+        if self.dispatcher is None:
+            return
+        with watchdog().guard(self._break_event_connection, "events"):
+            if self.heart is not None:
+                self.heart.tick()
+            if self.gossip is not None:
+                self.gossip.tick()
             self.dispatcher.flush()
+
+    def _break_event_connection(self) -> None:
+        # The dispatcher's own connection; it reconnects after a failed publish.
+        break_sockets(kombu_sockets(getattr(self.dispatcher, "_connection", None)))
 
     def _poll_timeout(self) -> float:
         timeout = 0.05 if self.active else 0.5
         if self._eta:
             timeout = max(0.0, min(timeout, self._eta[0][0] - time.time()))
+        if self.rate_limits is not None:
+            token = self.rate_limits.seconds_to_next()
+            if token is not None:
+                timeout = min(timeout, token)
         if self.heart is not None:
             timeout = min(timeout, self.heart.seconds_to_next())
         if self.mingle is not None and not self.mingle.done:
@@ -301,29 +518,43 @@ class Consumer:
         return timeout
 
     def _on_connection_lost(self, exc: BaseException) -> None:
-        logger.warning(
-            "consumer: Connection to broker lost. Trying to re-establish the connection...",
-            exc_info=True,
-        )
+        """Drop the connection without talking to it, then reconnect (or stop).
+
+        The lost connection is abandoned first (its sockets shut, nothing
+        sent: a close handshake on a half-open connection would block, Celery
+        #9705); only then are the pidbox and the held requests let go.
+        """
+        logger.warning("%s (%r)", CONNECTION_RETRY, exc)
+        logger.debug("Connection error: %r", exc, exc_info=exc)
+        broker, self.broker = self.broker, None
+        owed = _abandon(broker) if broker is not None else None
+        if owed is None and self.app.conf.get(
+                "worker_cancel_long_running_tasks_on_connection_loss"):
+            self._cancel_unackable()
         # Un-acked messages go back to the broker with the connection; the
         # copies held here can no longer be acked, so they are dropped (B36).
         self.reserved.clear()
         self._eta.clear()
+        if self.rate_limits is not None:
+            self.rate_limits.clear()
         if self.control is not None:
             self.control.stop()
-        try:
-            assert self.broker is not None
-            self.broker.close()
-        except Exception:  # the connection is already gone
-            pass
-        self.broker = None
-        while not self.should_stop:
-            try:
-                self.connect()
-                return
-            except self._connection_errors() as again:
-                logger.error("consumer: Cannot connect: %s. Trying again in 2 seconds...", again)
-                time.sleep(2.0)
+        if self.gossip is not None:
+            self.gossip.stop()
+        if self.dispatcher is not None:
+            # The event connection goes to the same broker and is rebuilt with
+            # the rest, as Celery's Events step is: left alone it could be
+            # half-open too, and the next event would wait on it.
+            self._break_event_connection()
+            self.dispatcher.close()
+        if not self.app.conf.broker_connection_retry:
+            logger.critical(
+                "Retrying to re-establish a connection to the message broker after a "
+                "connection loss has been disabled (app.conf.broker_connection_retry=False). "
+                "Shutting down...")
+            self._give_up()
+            return
+        self._establish(first=False, owed=owed)
 
     # -- deliveries --------------------------------------------------------------
 
@@ -344,6 +575,8 @@ class Consumer:
             return self._on_decode_error(delivery, exc)
         except (wire.InvalidTaskMessage, ContentDisallowed) as exc:
             return self._on_invalid(delivery, exc)
+        except Exception as exc:  # noqa: BLE001 - junk nobody foresaw: refused, never fatal
+            return self._on_invalid(delivery, exc)
         task = self.app.tasks.get(peeked.task)
         if task is None:
             return self._on_unknown_task(delivery, peeked)
@@ -358,6 +591,8 @@ class Consumer:
             return self._on_invalid(delivery, exc)
         except wire.BodyUndecodable as exc:
             return self._on_decode_error(delivery, exc)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return self._on_invalid(delivery, exc)
         message.request["hostname"] = self.hostname
         request = Request(delivery, message, task, self.generation)
         self._on_task(request)
@@ -373,17 +608,67 @@ class Consumer:
         signals.task_received.send(sender=self, request=request)
         if self.events is not None:
             self.events.received(request)
+        if self.metrics is not None:
+            self.metrics.received(request)
+        if self.autoscaler is not None:
+            self.autoscaler.task_received()
         if message.eta is not None:
             eta = message.eta.timestamp()
             if eta > time.time():
                 heapq.heappush(self._eta, (eta, next(self._seq), request))
                 self._update_prefetch()
                 return
+        if not self._admit(request):
+            self._update_prefetch()
+
+    def _admit(self, request: Request) -> bool:
+        """Reserve the request, or make it wait for its type's rate-limit token.
+
+        Returns False when it waits. As in Celery, a message with an ETA
+        takes its token only once the ETA has come.
+        """
+        if self.rate_limits is not None and \
+                not self.rate_limits.admit(request.task.name, request):
+            return False
         self.reserved.append(request)
+        return True
+
+    def _release_rate_limited(self) -> None:
+        """Requests whose token has come join the reserved ones (revoked ones are
+        discarded there, having used their token, as in Celery)."""
+        if self.rate_limits is None or not len(self.rate_limits):
+            return
+        released = self.rate_limits.due()
+        if released:
+            self.reserved.extend(released)
+            self._update_prefetch()
+
+    def reset_rate_limits(self) -> None:
+        """Re-read every task's ``rate_limit`` (the ``rate_limit`` control command).
+
+        Requests waiting on a type whose limit was removed are reserved now;
+        those of a type whose rate changed go at the new rate.
+        """
+        if self.rate_limits is None:
+            return
+        freed = self.rate_limits.configure(self.app.tasks)
+        if freed:
+            self.reserved.extend(freed)
+            self._update_prefetch()
+
+    def _qos_value(self) -> int:
+        """What the broker is told: kombu's QoS rule, no limit past AMQP's 16 bits."""
+        count = self.prefetch_count
+        was_over, self._qos_over = self._qos_over, count > PREFETCH_COUNT_MAX
+        if self._qos_over:
+            if not was_over:
+                logger.warning("QoS: Disabled: prefetch_count exceeds %r", PREFETCH_COUNT_MAX)
+            return 0
+        return count
 
     def _update_prefetch(self) -> None:
         if self.broker is not None:
-            self.broker.set_prefetch(self.prefetch_count)
+            self.broker.set_prefetch(self._qos_value())
 
     def _release_due_eta(self) -> None:
         if not self._eta:
@@ -393,7 +678,7 @@ class Consumer:
         while self._eta and self._eta[0][0] <= now:
             _, _, request = heapq.heappop(self._eta)
             if request.generation == self.generation:
-                self.reserved.append(request)
+                self._admit(request)
             released = True
         if released:
             self._update_prefetch()
@@ -403,6 +688,18 @@ class Consumer:
     def _free_slots(self) -> int:
         return self.pool.limit - len(self.active)
 
+    def _fetch_room(self) -> int | None:
+        """``--disable-prefetch``: slots with nothing running or waiting for them.
+
+        The slot count is the prefetch's (with --autoscale its maximum, so
+        the pool can see the load it grows for), as Celery's Redis-only
+        ``can_consume`` check counts; None when prefetching is on.
+        """
+        if not self.disable_prefetch:
+            return None
+        slots = self.pool.limit if self.prefetch_slots is None else self.prefetch_slots
+        return max(0, slots - len(self.active) - len(self.reserved))
+
     def _start_reserved(self) -> None:
         if self.mingle is not None and not self.mingle.done:
             # Peers' revoked ids are not merged yet: nothing starts before.
@@ -411,7 +708,7 @@ class Consumer:
                 return
         while self.reserved and self._free_slots() > 0 and not self.should_stop:
             request = self.reserved.popleft()
-            if request.generation != self.generation or self._discarded(request):
+            if request.generation != self.generation or self._discarded(request, starting=True):
                 continue
             self._start(request)
 
@@ -442,7 +739,7 @@ class Consumer:
             item = self._done.get(timeout=timeout)
         except queue.Empty:
             return
-        self._settle(*item)
+        self._settle_item(item)
         self._settle_finished()
 
     def _settle_finished(self) -> None:
@@ -451,14 +748,57 @@ class Consumer:
                 item = self._done.get_nowait()
             except queue.Empty:
                 return
+            self._settle_item(item)
+
+    def _settle_item(self, item: tuple) -> None:
+        """An outcome from a pool, or (with its write's future) one whose
+        deferred SUCCESS write has just finished."""
+        if len(item) == 3:
+            request, outcome, durable = item
+            self._writing[request.id] -= 1
+            if self._writing[request.id] <= 0:
+                del self._writing[request.id]
+            self._settle_written(request, self._after_write(request, outcome, durable))
+        else:
             self._settle(*item)
 
     def _settle(self, request: Request, outcome: Outcome) -> None:
         self.active.pop(id(request), None)
-        self.processed += 1
+        if request.terminated:
+            # Announced (REVOKED, acked) when it was terminated; now its slot is free.
+            self.processed += 1
+            return
         if request.ack_pending:
+            # solo's early ack, which Celery sends once the task is over.
             request.ack_pending = False
             self._send_ack(request)
+        durable = outcome.durable
+        if durable is not None:
+            # The task is over (its slot is free) but its SUCCESS is still
+            # being written (group commit): ack, event and count wait for
+            # the write, so a result always precedes its ack.
+            outcome.durable = None
+            if not durable.done():
+                self._writing[request.id] += 1
+                done = self._done
+
+                def written(_: Any) -> None:
+                    done.put((request, outcome, durable))
+
+                durable.add_done_callback(written)
+                return
+            outcome = self._after_write(request, outcome, durable)
+        self._settle_written(request, outcome)
+
+    def _after_write(self, request: Request, outcome: Outcome, durable: Any) -> Outcome:
+        written = outcome.after_write(durable)
+        if written is not outcome:
+            request_logger.error("Task %s[%s] result could not be stored: %r",
+                                 request.name, request.id, written.retval)
+        return written
+
+    def _settle_written(self, request: Request, outcome: Outcome) -> None:
+        self.processed += 1
         decision = settle(
             outcome,
             acks_late=request.acks_late,
@@ -474,6 +814,8 @@ class Consumer:
             self._reject(request, requeue=True)
         if self.events is not None:
             self.events.finished(request, outcome, decision)
+        if self.metrics is not None:
+            self.metrics.finished(request, outcome, decision)
 
     # -- queues changed at run time (add_consumer / cancel_consumer) ---------------
 
@@ -505,16 +847,113 @@ class Consumer:
         if self.broker is not None:
             self.broker.cancel_queue(name)
 
+    # -- running tasks and slots changed at run time (remote control, autoscale) --
+
+    def terminate(self, request: Request, signum: int) -> bool:
+        """``revoke(terminate=True)`` of a running request: Celery's
+        ``Request.terminate`` + ``_announce_revoked``.
+
+        The pool ends the run (prefork: ``signum`` to the child) and reports
+        it later; what clients see is announced now, as Celery's main process
+        does: REVOKED ``terminated`` stored, the message acked, the
+        ``task-revoked`` event (``terminated``, ``signum``) and
+        ``task_revoked``. The slot stays taken until the pool reports; that
+        report is then dropped. False if the pool cannot end it (solo; a run
+        already writing its result).
+        """
+        if request.terminated:
+            return True
+        if self.active.get(id(request)) is not request \
+                or not self.pool.terminate(request.id, signum):
+            return False
+        request.terminated = True
+        self._announce_revoked(request, "terminated", terminated=True, signum=signum)
+        return True
+
+    def _cancel_unackable(self) -> None:
+        """``worker_cancel_long_running_tasks_on_connection_loss``: Celery's
+        ``Request.cancel`` for each running late-acked task whose message went
+        back with the lost connection (it will run again from there).
+
+        The pool ends the run (as ``terminate`` with SIGTERM) and its report
+        is dropped; RETRY ``cancelled by Celery`` is stored, ``on_retry``,
+        ``task_retry`` and the ``task-cancelled`` event follow, and nothing is
+        acked. Not called when the broker adapter carried the messages over
+        to the next connection (native Redis): they are not redelivered, so
+        the runs go on and are acked there.
+        """
+        for request in list(self.active.values()):
+            if not request.acks_late or request.acked or request.terminated:
+                continue
+            message = request.message
+            logger.warning(CANCELLED_ON_CONNECTION_LOSS, f"<Request: {message.name}"
+                           f"[{message.id}] {message.argsrepr} {message.kwargsrepr}>")
+            try:
+                ended = self.pool.terminate(message.id, signal.SIGTERM)
+            except Exception:
+                logger.warning("Failed to cancel active request %r after connection loss",
+                               request.id, exc_info=True)
+                continue
+            if not ended:  # solo: the run is this very thread
+                logger.warning("Failed to cancel active request %r after connection loss",
+                               request.id)
+                continue
+            request.terminated = True
+            self._announce_cancelled(request)
+
+    def _announce_cancelled(self, request: Request) -> None:
+        message = request.message
+        context = build_context(message, request_dict(message, hostname=self.hostname,
+                                                      loglevel=None, logfile=None))
+        reason = Retry(message="cancelled by Celery")
+        try:
+            self.store.mark_as_retry(message.id, reason, None, context)
+        except Exception:
+            logger.exception("Could not store RETRY for %s", message.id)
+        if self.events is not None:
+            self.events.cancelled(request)
+        try:
+            request.task.on_retry(reason, message.id, message.args, message.kwargs, None)
+        except Exception:
+            logger.exception("Task %s[%s] on_retry handler raised", message.name, message.id)
+        signals.task_retry.send(sender=request.task, request=context, einfo=None)
+
+    def pool_resized(self) -> None:
+        """The pool's slot count changed (``pool_grow``/``pool_shrink``, autoscale):
+        the consumer starts tasks up to the new ``limit``, and the prefetch count is
+        ``limit`` (at least 1) x multiplier again (with --autoscale: ``max`` x
+        multiplier). Celery's instead adds each change to the count it had, and
+        skips changes that leave no process, so after a failed or total shrink
+        its count no longer matches its pool (docs/compat.md)."""
+        self._update_prefetch()
+
     # -- what inspect commands report ---------------------------------------------
 
+    def results_in_flight(self) -> set[str]:
+        """Ids of finished tasks whose SUCCESS write (group commit) has not
+        landed yet. Celery writes before it reads another control message,
+        so to a ``revoke`` these are already SUCCESS, never to be marked
+        REVOKED (a read in between would see PENDING)."""
+        return set(self._writing)
+
     def active_requests(self) -> list[Request]:
-        return list(self.active.values())
+        """Running requests; a terminated one is no longer listed (Celery's ``task_ready``)."""
+        return [request for request in self.active.values() if not request.terminated]
 
     def reserved_requests(self) -> list[Request]:
         return list(self.reserved)
 
     def scheduled_requests(self) -> list[Request]:
         return [entry[2] for entry in sorted(self._eta)]
+
+    def rate_limited_requests(self) -> list[Request]:
+        """Requests waiting for a rate-limit token.
+
+        Celery lists them in no ``inspect`` reply (neither reserved nor
+        scheduled); only ``query_task`` finds those that had an ETA, as
+        ``scheduled``.
+        """
+        return self.rate_limits.waiting() if self.rate_limits is not None else []
 
     def broker_info(self) -> dict[str, Any]:
         """The ``broker`` section of ``inspect stats``: kombu's info, never the password."""
@@ -526,7 +965,8 @@ class Consumer:
         return info
 
     def has_work(self) -> bool:
-        return bool(self.active)
+        """Tasks running, or finished with their SUCCESS still being written."""
+        return bool(self.active) or bool(self._writing)
 
     def drain(self, timeout: float) -> None:
         """Wait for running tasks during a warm shutdown, settling as they end."""
@@ -580,6 +1020,9 @@ class Consumer:
         signals.task_rejected.send(sender=self, message=delivery.handle, exc=None)
 
     def _on_invalid(self, delivery: Delivery, exc: BaseException) -> None:
+        if isinstance(exc, wire.InvalidTaskMessage) and not isinstance(exc, ContentDisallowed):
+            # Celery's own class for the ``task_rejected`` receivers; same text.
+            exc = InvalidTaskError(*exc.args)
         logger.error(INVALID_TASK, exc, dump_body(delivery), exc_info=True)
         self._reject_delivery(delivery)
         signals.task_rejected.send(sender=self, message=delivery.handle, exc=exc)
@@ -617,35 +1060,57 @@ class Consumer:
         signals.task_unknown.send(sender=self, message=delivery.handle, exc=KeyError(name),
                                   name=name, id=task_id)
 
-    def _discarded(self, request: Request) -> bool:
+    def _discarded(self, request: Request, starting: bool = False) -> bool:
         """Expired (B16) or revoked (B18): REVOKED stored, message acked, not run.
 
-        Checked on receipt and again just before the task would start.
+        Checked on receipt and again just before the task would start. A
+        revoked stamp (``revoke_by_stamped_headers``) is looked for before
+        the start, and on receipt only if the message has an expiry: Celery
+        checks on receipt only messages that expire or have a revoked id, so
+        a task revoked by stamp is received (signal, event) and then discarded.
         """
         message = request.message
         expires = message.expires
-        expired = expires is not None and datetime.now(timezone.utc) > expires
+        # Celery reports ``expired`` as None for a message that expires later
+        # (the value of its ``maybe_expire()``), False when there is no expiry.
+        expired = expires is not None and (datetime.now(timezone.utc) > expires or None)
+        by_stamp = None
         if expired:
             self.revoked.add(message.id)
         elif message.id not in self.revoked:
-            return False
-        request_logger.info("Discarding revoked task: %s[%s]", message.name, message.id)
+            if starting or expires is not None:
+                by_stamp = self.revoked_stamps.match(message.stamped_headers, message.stamps)
+            if by_stamp is None:
+                return False
+        if by_stamp is None:
+            request_logger.info("Discarding revoked task: %s[%s]", message.name, message.id)
+        else:
+            request_logger.info("Discarding revoked task: %s[%s] (revoked by header: %s)",
+                                message.name, message.id, by_stamp)
+        self._announce_revoked(request, "expired" if expired else "revoked", expired=expired)
+        return True
+
+    def _announce_revoked(self, request: Request, reason: str, *, terminated: bool = False,
+                          signum: int | None = None, expired: Any = False) -> None:
+        """Celery's ``Request._announce_revoked``: REVOKED ``reason`` stored, the
+        message acked, the ``task-revoked`` event and ``task_revoked`` sent."""
+        message = request.message
         context = build_context(message, request_dict(message, hostname=self.hostname,
                                                       loglevel=None, logfile=None))
         ignore = message.ignore_result if message.ignore_result is not None \
             else request.task.ignore_result
         store_errors = (not ignore) or request.task.store_errors_even_if_ignored
         try:
-            self.store.mark_as_revoked(message.id, "expired" if expired else "revoked",
-                                       context, store_result=store_errors)
+            self.store.mark_as_revoked(message.id, reason, context, store_result=store_errors)
         except Exception:
             logger.exception("Could not store REVOKED for %s", message.id)
         self._ack(request)
         if self.events is not None:
-            self.events.revoked(request, expired=expired)
-        signals.task_revoked.send(sender=request.task, request=context, terminated=False,
-                                  signum=None, expired=expired)
-        return True
+            self.events.revoked(request, terminated=terminated, signum=signum, expired=expired)
+        if self.metrics is not None:
+            self.metrics.revoked(request, expired=expired)
+        signals.task_revoked.send(sender=request.task, request=context, terminated=terminated,
+                                  signum=signum, expired=expired)
 
     # -- shutdown ------------------------------------------------------------------
 
@@ -662,6 +1127,8 @@ class Consumer:
             except self._connection_errors():
                 pass
         dropped = list(self.reserved) + [entry[2] for entry in self._eta]
+        if self.rate_limits is not None:
+            dropped += self.rate_limits.clear()
         self.reserved.clear()
         self._eta.clear()
         for request in dropped:
@@ -679,7 +1146,7 @@ class Consumer:
         if self.broker is None:
             return
         for request in list(self.active.values()):
-            if not request.acked or request.ack_pending:
+            if not request.acked or request.ack_pending or request.terminated:
                 continue
             try:
                 self.broker.republish(request.delivery)
@@ -692,6 +1159,8 @@ class Consumer:
     def close(self) -> None:
         if self.control is not None:
             self.control.stop()
+        if self.gossip is not None:
+            self.gossip.stop()
         if self.heart is not None:
             self.heart.stop()
         if self.dispatcher is not None:

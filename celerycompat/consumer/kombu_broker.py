@@ -12,14 +12,21 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from celery.utils.time import humanize_seconds
 from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
-from celerycompat.consumer.broker import Delivery, DeliveryCallback
+from celerycompat.consumer.broker import ConnectStopped, Delivery, DeliveryCallback
+from celerycompat.consumer.liveness import break_sockets, guarded, kombu_sockets
+from celerycompat.consumer.redis_lease import LeaseKeeper, redis_lease_for
 
 logger = logging.getLogger("celery.worker.consumer.connection")
+#: Celery logs its connection retries from the consumer's module.
+connect_logger = logging.getLogger("celery.worker.consumer.consumer")
+#: Seconds any socket a lost connection's cleanup opens may block (Celery's value).
+COLLECT_SOCKET_TIMEOUT = 5.0
 
 
 class KombuBroker:
@@ -42,27 +49,57 @@ class KombuBroker:
         self._consumer: Consumer | None = None
         self._channel: Any = None
         self._prefetch = 0
+        self._lease: LeaseKeeper | None = None
+        #: ``limit_fetch``: how many more deliveries may come (None: no limit).
+        self._window: int | None = None
+        #: Deliveries handed out and not settled (the AMQP window is this + room).
+        self._outstanding = 0
+        #: The prefetch count last sent with ``basic.qos`` (None: none sent).
+        self._qos_sent: int | None = None
+        #: basic.consume is in effect (False while paused or after `cancel`).
+        self._consuming_now = False
+        self._cancelled = False
         self.connection_errors: tuple[type[BaseException], ...] = tuple(
             connection.connection_errors
         ) + tuple(connection.channel_errors)
 
     # -- lifecycle ---------------------------------------------------------
 
-    def connect(self) -> None:
-        conf_retry = getattr(self.connection, "_cc_retry", None)
-        self.connection.ensure_connection(
-            errback=self._on_connection_error, max_retries=conf_retry
-        )
+    def connect(self, retry: bool = True, max_retries: int | None = None,
+                should_stop: Callable[[], bool] | None = None) -> None:
+        """Connect, as Celery's consumer does (``ensure_connected``).
 
-    @staticmethod
-    def _on_connection_error(exc: BaseException, interval: float) -> None:
-        logger.error(
-            "consumer: Cannot connect to %s: %s.\nTrying again in %.2f seconds...",
-            "broker",
-            exc,
-            interval,
-        )
+        ``retry`` false: one attempt, its error raised. Otherwise kombu's
+        ``ensure_connection`` with Celery's backoff (2, 4, 6... up to 30 s)
+        and log lines, at most ``max_retries`` retries (None: forever; past
+        them kombu's ``OperationalError`` is raised). ``should_stop`` is
+        asked every second of the waits: true ends them with `ConnectStopped`
+        (a shutdown requested while the broker is away).
+        """
+        if not retry:
+            self.connection.connect()
+            return
+        attempts = 0
 
+        def on_error(exc: BaseException, interval: float) -> None:
+            nonlocal attempts
+            if getattr(self.connection, "alt", None) and interval == 0:
+                step = "Will retry using next failover."
+            else:
+                if interval > 0:
+                    attempts += 1
+                step = (f"Trying again {humanize_seconds(interval, 'in', ' ')}... "
+                        f"({attempts}/{max_retries})")
+            connect_logger.error("consumer: Cannot connect to %s: %s.\n%s\n",
+                                 self.connection.as_uri(), exc, step)
+
+        def check_stop() -> None:
+            if should_stop is not None and should_stop():
+                raise ConnectStopped()
+
+        self.connection.ensure_connection(on_error, max_retries, callback=check_stop)
+
+    @guarded("consume")
     def consume(self, queues: Sequence[Any], on_delivery: DeliveryCallback) -> None:
         self._channel = self.connection.default_channel
         bound = [q.bind(self._channel) for q in queues]
@@ -70,9 +107,11 @@ class KombuBroker:
             q.declare()
 
         def on_message(message: Message) -> None:
-            on_delivery(_to_delivery(message))
+            self._taken()
+            on_delivery(to_delivery(message))
 
         def on_decode_error(message: Any, exc: BaseException) -> None:
+            self._taken()
             on_delivery(_undecodable(message, exc))
 
         self._consumer = Consumer(
@@ -84,21 +123,86 @@ class KombuBroker:
             no_ack=False,
             auto_declare=False,
         )
-        if self._prefetch:
+        self._gate_virtual_qos()
+        if self._prefetch or self._window is not None:
             self._apply_qos()
-        self._consumer.consume()
+        if self._window != 0:
+            self._consumer.consume()
+            self._consuming_now = True
+        self._lease = redis_lease_for(self._channel)
+        if self._lease is not None:
+            qos = self._channel.qos
+            self._lease.start(lambda: qos._delivered)
 
+    @guarded("basic.qos")
     def set_prefetch(self, count: int) -> None:
         self._prefetch = count
         if self._consumer is not None:
             self._apply_qos()
 
     def _apply_qos(self) -> None:
+        count = self._effective_prefetch()
+        if count == self._qos_sent:
+            return
         apply_global = self._qos_global
         if apply_global is None:
             apply_global = self._default_qos_global()
         assert self._consumer is not None
-        self._consumer.qos(prefetch_count=self._prefetch, apply_global=apply_global)
+        self._consumer.qos(prefetch_count=count, apply_global=apply_global)
+        self._qos_sent = count
+
+    def _effective_prefetch(self) -> int:
+        """The prefetch count, narrowed by ``limit_fetch`` where the broker
+        pushes (AMQP): what is in hand plus the room, never 0 (AMQP's "no
+        limit"; a room of 0 pauses consuming instead)."""
+        if self._window is None or self._virtual_qos():
+            return self._prefetch
+        count = max(1, self._outstanding + self._window)
+        return min(count, self._prefetch) if self._prefetch else count
+
+    def _virtual_qos(self) -> bool:
+        """kombu's virtual transports (Redis) pull, asking ``qos.can_consume``."""
+        return hasattr(getattr(self._channel, "qos", None), "can_consume")
+
+    def _gate_virtual_qos(self) -> None:
+        """Make a virtual transport ask the fetch window before each fetch (as
+        Celery's ``worker_disable_prefetch`` does on Redis)."""
+        if not self._virtual_qos():
+            return
+        qos = self._channel.qos
+        allowed = qos.can_consume
+
+        def can_consume() -> bool:
+            return (self._window is None or self._window > 0) and allowed()
+
+        qos.can_consume = can_consume
+
+    def _taken(self) -> None:
+        self._outstanding += 1
+        if self._window:
+            self._window -= 1
+
+    def _settled(self) -> None:
+        self._outstanding = max(0, self._outstanding - 1)
+
+    @guarded("basic.qos")
+    def limit_fetch(self, room: int | None) -> None:
+        """On AMQP the broker pushes: the QoS window becomes what is in hand
+        plus ``room``, and a room of 0 cancels consuming until there is room
+        again (messages already on the wire still arrive). Virtual transports
+        pull, and ask `_gate_virtual_qos`'s check before each fetch."""
+        self._window = room
+        if self._consumer is None or self._virtual_qos():
+            return
+        if room == 0:
+            if self._consuming_now:
+                self._consuming_now = False
+                self._consumer.cancel()
+            return
+        self._apply_qos()
+        if not self._consuming_now and not self._cancelled:
+            self._consumer.consume()
+            self._consuming_now = True
 
     def _default_qos_global(self) -> bool:
         """Celery's rule: per-channel QoS on RabbitMQ >= 3.3 (AMQP only)."""
@@ -113,6 +217,7 @@ class KombuBroker:
             return False
         return (major, minor) >= (3, 3)
 
+    @guarded("poll", waits=True)
     def poll(self, timeout: float) -> None:
         self._maybe_heartbeat()
         try:
@@ -149,27 +254,34 @@ class KombuBroker:
             self._next_heartbeat_check = now + min(1.0, interval / max(self._heartbeat_rate, 1.0))
             self.connection.heartbeat_check(rate=self._heartbeat_rate)
 
+    @guarded("add_consumer")
     def add_queue(self, queue: Any) -> None:
         """Declare ``queue`` and start consuming from it too (``add_consumer``)."""
         assert self._consumer is not None
         bound = queue.bind(self._channel)
         bound.declare()
         self._consumer.add_queue(bound)
-        self._consumer.consume()
+        if self._consuming_now:  # paused: it starts with the others
+            self._consumer.consume()
 
+    @guarded("cancel_consumer")
     def cancel_queue(self, name: str) -> None:
         """Stop consuming from the queue called ``name`` (``cancel_consumer``)."""
         if self._consumer is not None:
             self._consumer.cancel_by_queue(name)
 
+    @guarded("basic.cancel")
     def cancel(self) -> None:
         """Stop deliveries; the channel stays open to settle what is in hand."""
+        self._cancelled = True
+        self._consuming_now = False
         if self._consumer is not None:
             try:
                 self._consumer.cancel()
             except self.connection_errors:
                 pass
 
+    @guarded("publish")
     def republish(self, delivery: Delivery) -> None:
         """Publish a copy of a delivered message where it came from (cold shutdown).
 
@@ -189,21 +301,50 @@ class KombuBroker:
             delivery_mode=properties.get("delivery_mode") or 2,
         )
 
+    @guarded("ack")
     def ack(self, delivery: Delivery) -> None:
         message: Message = delivery.handle
         if not message.acknowledged:
             message.ack()
+            self._settled()
 
+    @guarded("reject")
     def reject(self, delivery: Delivery, requeue: bool) -> None:
         message: Message = delivery.handle
         if not message.acknowledged:
             message.reject(requeue=requeue)
+            self._settled()
 
+    @guarded("purge")
     def purge(self, queues: Sequence[Any]) -> int:
         channel = self.connection.default_channel
         return sum(q.bind(channel).purge() or 0 for q in queues)
 
+    def break_connection(self) -> None:
+        """Make every socket of the connection fail at once (the watchdog's
+        breaker, and the first thing done with a connection found lost), so
+        no later call, a graceful close included, can block on it."""
+        break_sockets(kombu_sockets(self.connection))
+
+    def abandon(self) -> Any:
+        """The connection is lost: break it, then free it without the close
+        handshake (kombu's ``collect``, as Celery does since #9705). Nothing
+        survives an AMQP channel, and kombu's Redis path restores its own
+        un-acked messages, so nothing is owed to the next connection."""
+        self.break_connection()
+        if self._lease is not None:
+            self._lease.stop()
+        self._consumer = None
+        try:
+            self.connection.collect(socket_timeout=COLLECT_SOCKET_TIMEOUT)
+        except Exception:
+            logger.debug("error while collecting the lost connection", exc_info=True)
+        return None
+
+    @guarded("close")
     def close(self) -> None:
+        if self._lease is not None:
+            self._lease.stop()
         try:
             if self._consumer is not None:
                 try:
@@ -215,7 +356,7 @@ class KombuBroker:
             self.connection.release()
 
 
-def _to_delivery(message: Message) -> Delivery:
+def to_delivery(message: Message) -> Delivery:
     headers = message.headers
     return Delivery(
         body=message.body,
@@ -239,7 +380,7 @@ def _first_error(message: Message) -> BaseException | None:
 def _undecodable(message: Any, exc: BaseException) -> Delivery:
     """A delivery kombu could not turn into a message (corrupt envelope)."""
     if isinstance(message, Message):
-        delivery = _to_delivery(message)
+        delivery = to_delivery(message)
         delivery.decode_error = exc
         return delivery
     return Delivery(

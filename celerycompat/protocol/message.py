@@ -10,16 +10,28 @@ Two steps, because Celery looks at the task name before it decodes a v2
 body: an unknown task is failed with ``NotRegistered`` even when its body
 would not decode. `peek` finds the name (decoding only v1 bodies, where the
 name lives in the body); `parse` decodes and validates the rest.
+
+Hostile input: whatever the headers and body hold, `peek` and `parse` raise
+only the exceptions below (tests/unit/test_fuzz_protocol.py drives them with
+generated junk), and a `TaskMessage` they return has fields of the types the
+rest of the worker relies on. Where Celery 5.7 itself crashes on a malformed
+field (a ``timelimit`` that is not a pair, an id that is not a string, a body
+that is not a list) the message is rejected as invalid instead (A24).
 """
 
 from __future__ import annotations
 
+import math
+import re
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone, tzinfo
 from typing import Any, Callable, Mapping
 
+from dateutil.parser import isoparse
+
 #: ``decode(body, content_type, content_encoding) -> payload``; raises
-#: `ContentRefused` or `BodyUndecodable`.
+#: `ContentRefused`, `BodyUndecodable` or `BodyTooLarge`.
 Decoder = Callable[[bytes, "str | None", "str | None"], Any]
 
 
@@ -37,6 +49,36 @@ class ContentRefused(InvalidTaskMessage):
 
 class BodyUndecodable(Exception):
     """The body cannot be deserialized: Celery logs it as critical and acks (A27)."""
+
+
+class BodyTooLarge(InvalidTaskMessage):
+    """The body is over the worker's size limit (`limit_body_size`).
+
+    Raised before a byte of it is decoded, so a huge message costs the
+    worker the bytes it already holds and no more; handled as an invalid
+    message (rejected, not requeued, ``task_rejected`` sent).
+    """
+
+
+def limit_body_size(decode: Decoder, max_bytes: int | None) -> Decoder:
+    """``decode`` that first refuses bodies longer than ``max_bytes`` (None/0: no limit).
+
+    The limit is on the serialized body as the transport delivered it
+    (after kombu undid the Redis base64 and any ``compression``): what the
+    decoder would turn into Python objects, typically several times its size.
+    """
+    if not max_bytes:
+        return decode
+
+    def limited(body: bytes, content_type: str | None, content_encoding: str | None) -> Any:
+        size = len(body) if body is not None else 0
+        if size > max_bytes:
+            raise BodyTooLarge(
+                f"message body is {size:,} bytes, over the limit of {max_bytes:,} bytes "
+                f"(CCWORKER_MAX_MESSAGE_BYTES)")
+        return decode(body, content_type, content_encoding)
+
+    return limited
 
 
 _EMPTY_EMBED: Mapping[str, Any] = {
@@ -85,6 +127,10 @@ class TaskMessage:
     retries: int = 0
     timelimit: Any = None
     ignore_result: bool | None = None
+    stamped_headers: list[str] = field(default_factory=list)
+    """Names of the canvas stamps the message carries (Celery 5.3+ stamping)."""
+    stamps: dict[str, Any] = field(default_factory=dict)
+    """Each stamped header's value (or list of values); None when ``stamps`` lacks it."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,7 +145,7 @@ def peek(headers: Any, body: bytes, content_type: str | None,
         raise UnknownMessage("message headers are not a mapping")
     if "task" in headers:
         return Peeked(
-            task=headers["task"],
+            task=_task_name(headers["task"]),
             id=headers.get("id"),
             root_id=headers.get("root_id"),
             protocol=2,
@@ -108,12 +154,27 @@ def peek(headers: Any, body: bytes, content_type: str | None,
     if not isinstance(payload, dict) or "task" not in payload:
         raise UnknownMessage("message has no task name")
     return Peeked(
-        task=payload["task"],
+        task=_task_name(payload["task"]),
         id=payload.get("id"),
         root_id=None,
         protocol=1,
         v1_body=payload,
     )
+
+
+def _task_name(name: Any, what: str = "task name") -> Any:
+    """A name the task registry is looked up with, or tasks are counted by.
+
+    Any hashable value is used as is, as Celery does (``42`` or ``None`` is
+    an unknown task: ``NotRegistered``; a numeric ``shadow`` names the
+    task in log lines); a list or mapping, on which Celery's worker
+    crashes, makes the message invalid.
+    """
+    try:
+        hash(name)
+    except TypeError:
+        raise InvalidTaskMessage(f"{what} is not a string: {name!r:.200}") from None
+    return name
 
 
 def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any],
@@ -144,10 +205,14 @@ def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any]
         args, kwargs, embed, req, utc = _from_v1(peeked.v1_body, headers, saferepr)
 
     task_id = req.get("id")
-    if task_id is None:
+    if task_id is None or task_id == "":
         raise InvalidTaskMessage("task message has no id")
-    task_name = req.get("task") or peeked.task
-    name = req.get("shadow") or task_name
+    if not isinstance(task_id, str):
+        # Celery 5.7 crashes on these (a list is unhashable, a number
+        # cannot be a result key): refused, never half-run.
+        raise InvalidTaskMessage(f"task id is not a string: {task_id!r:.200}")
+    task_name = _task_name(req.get("task") or peeked.task)
+    name = _task_name(req.get("shadow") or task_name, "shadow name")
 
     eta = _parse_time(req.get("eta"), "ETA", worker_tz)
     expires = _parse_time(req.get("expires"), "expires", worker_tz)
@@ -167,6 +232,8 @@ def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any]
     )
     retries = req.get("retries") or 0
     ignore_result = req.get("ignore_result")
+    timelimit = _timelimit(req.get("timelimit"))
+    stamped_headers, stamps = _stamps(req)
     return TaskMessage(
         task=task_name,
         id=task_id,
@@ -183,10 +250,64 @@ def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any]
         kwargsrepr=req.get("kwargsrepr") or "",
         root_id=req.get("root_id"),
         parent_id=req.get("parent_id"),
-        retries=retries if isinstance(retries, int) else 0,
-        timelimit=req.get("timelimit"),
-        ignore_result=ignore_result if isinstance(ignore_result, bool) else None,
+        retries=retries if isinstance(retries, int) and not isinstance(retries, bool) else 0,
+        timelimit=timelimit,
+        # Celery reads any value but None as the override, by truthiness.
+        ignore_result=None if ignore_result is None else bool(ignore_result),
+        stamped_headers=stamped_headers,
+        stamps=stamps,
     )
+
+
+#: The longest wait ``threading`` accepts; a longer limit is no limit.
+_LONGEST_LIMIT = threading.TIMEOUT_MAX
+
+
+def _timelimit(value: Any) -> tuple[Any, Any] | None:
+    """``timelimit`` (A17) as the pools can use it: ``(hard, soft)`` or None.
+
+    A falsy value is no limit, as in Celery. Anything else must be a pair:
+    Celery 5.7 crashes on a string, a number or a longer list
+    (``Unrecoverable error``); here the message is invalid. Inside the pair a
+    value that is not a usable number of seconds (a string, a bool, NaN,
+    infinite, zero or negative, longer than ``threading`` can wait) is
+    ignored, i.e. the task's own limit applies: Celery's solo pool, which
+    enforces no limits, runs those messages too, and its prefork pool would
+    do arithmetic on them.
+    """
+    if not value:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise InvalidTaskMessage(
+            f"invalid timelimit value {value!r:.200}: expected [hard, soft] in seconds")
+    return _seconds(value[0]), _seconds(value[1])
+
+
+def _seconds(value: Any) -> float | int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not math.isfinite(value) or value <= 0 or value > _LONGEST_LIMIT:
+        return None
+    return value
+
+
+def _stamps(req: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """Canvas stamps: ``stamped_headers`` names them, ``stamps`` holds their values.
+
+    Read as Celery's worker ``Request`` reads them (``stamps`` restricted to
+    the names in ``stamped_headers``, None for a name without a value). They
+    stay in ``request`` too, unchanged: ``task.request.stamps`` is Celery's.
+    Malformed fields (not a list, not a mapping, a name that is not a
+    string) count as no stamps instead of failing the message later.
+    """
+    names = req.get("stamped_headers") or []
+    values = req.get("stamps") or {}
+    if not isinstance(names, (list, tuple)):
+        return [], {}
+    if not isinstance(values, Mapping):
+        values = {}
+    names = [name for name in names if isinstance(name, str)]
+    return names, {name: values.get(name) for name in names}
 
 
 def _split_v2_body(payload: Any) -> tuple[Any, dict[str, Any], Mapping[str, Any]]:
@@ -257,22 +378,36 @@ def _parse_time(value: Any, what: str, worker_tz: tzinfo | None) -> datetime | N
     else:
         try:
             parsed = parse_iso8601(value)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any junk is an invalid message
+            # Celery's words, the value in full as Celery shows it.
             raise InvalidTaskMessage(f"invalid {what} value {value!r}: {exc}") from None
-    if parsed.tzinfo is None or parsed.tzinfo.utcoffset(parsed) is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-        if worker_tz is not None:
-            parsed = parsed.astimezone(worker_tz)
+    try:
+        if parsed.tzinfo is None or parsed.tzinfo.utcoffset(parsed) is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+            if worker_tz is not None:
+                parsed = parsed.astimezone(worker_tz)
+        parsed.timestamp()  # the consumer compares timestamps: must be representable
+    except (OverflowError, ValueError) as exc:
+        raise InvalidTaskMessage(f"invalid {what} value {value!r}: {exc}") from None
     return parsed
 
 
+#: What ``datetime.isoformat()`` writes (Celery clients): read by the C parser,
+#: which gives the same instant as dateutil's for exactly these strings.
+_PLAIN_ISOFORMAT = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{6})?(?:[+-]\d{2}:\d{2})?", re.ASCII).fullmatch
+
+
 def parse_iso8601(text: Any) -> datetime:
-    """Parse the ISO-8601 forms producers send (``datetime.isoformat`` and 'Z')."""
-    if not isinstance(text, str):
-        raise TypeError(f"expected a string, got {type(text).__name__}")
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        if text.endswith(("Z", "z")):
-            return datetime.fromisoformat(text[:-1] + "+00:00")
-        raise
+    """Parse an ETA/expiry string as Celery's worker does (``dateutil.parser.isoparse``).
+
+    The same parser, so the same strings are accepted and a bad one is
+    refused with the same words in the log line; the common shape producers
+    send takes the C parser (50x faster, same result).
+    """
+    if isinstance(text, str) and _PLAIN_ISOFORMAT(text):
+        try:
+            return datetime.fromisoformat(text)
+        except ValueError:
+            pass  # e.g. month 13: dateutil words the error
+    return isoparse(text)

@@ -1,0 +1,675 @@
+"""The native Redis `Broker`: batched fetch and acks in kombu's own key layout.
+
+Why: kombu delivers one message per poll, and each costs three round trips
+(BRPOP, a MULTI to record it as un-acked, another MULTI to ack it) plus a
+pipeline object per step. That, not the task, is what caps a Celery worker
+on Redis at about a thousand tasks a second (issue 8).
+
+What stays kombu's: the connection (URL, TLS, Sentinel, auth, every
+``broker_transport_options`` value), queue and binding declarations, the
+message envelope and its decoding (kombu's own ``Message`` class), requeue
+and restore (kombu's own ``restore_by_tag``), and the pidbox, which keeps
+consuming through kombu on the same connection. What changes is only how
+task messages leave their queues and how acks reach Redis:
+
+* fetch: one Lua script (redis_fetch.lua) pops up to the free prefetch slots
+  and records each message in ``unacked``/``unacked_index`` exactly as kombu's
+  QoS does, atomically. When the queues are empty the adapter waits without
+  taking anything off a list (a ``BLMOVE key key RIGHT RIGHT`` per key, on
+  connections of its own; Redis >= 6.2) and the next fetch leases what
+  arrived: a worker killed at any moment leaves every message either on its
+  list or in ``unacked``. Older servers get kombu's BRPOP, its reply leased
+  within the same poll.
+* acks: collected while the consumer settles a turn's worth of tasks and
+  sent as one ZREM + HDEL transaction at the next poll. An ack is never sent
+  before the consumer asks for it, so "result stored before ack" holds.
+* leases: the tags held (reserved, ETA, running) are re-scored in
+  ``unacked_index`` well inside ``visibility_timeout`` (redis_lease.py), and
+  the restore of dead workers' messages that kombu runs in its poll loop runs
+  here on a timer.
+
+A cluster can mix this path, kombu's path and stock Celery workers on the
+same queues: the state in Redis is the same whichever consumer wrote it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+import time
+from importlib import resources
+from typing import Any, Sequence
+
+import orjson
+from kombu import Connection
+from kombu.utils.json import dumps as kombu_dumps
+from kombu.utils.json import loads as kombu_loads
+from redis.exceptions import ResponseError
+
+from celerycompat.consumer.broker import Delivery, DeliveryCallback
+from celerycompat.consumer.kombu_broker import KombuBroker, to_delivery
+from celerycompat.consumer.liveness import break_sockets, guarded
+from celerycompat.consumer.redis_lease import LeaseKeeper, plain_client
+
+logger = logging.getLogger("celery.worker.consumer.connection")
+
+FETCH_SCRIPT = resources.files("celerycompat.consumer").joinpath(
+    "redis_fetch.lua").read_text()
+
+#: Give held messages back in one call: for each (tag, queue key, payload)
+#: triple, push the payload (ARGV[1] = '1': LPUSH, as kombu's requeue;
+#: otherwise RPUSH, as kombu's restore at close) only if this call removed
+#: the tag from ``unacked`` (so a message is never pushed twice), and drop
+#: the tag from ``unacked_index``. KEYS = unacked, unacked_index.
+RESTORE_SCRIPT = """
+local push = ARGV[1] == '1' and 'LPUSH' or 'RPUSH'
+local removed = {}
+for i = 2, #ARGV, 3 do
+    local tag = ARGV[i]
+    if removed[tag] == nil then
+        removed[tag] = redis.call('HDEL', KEYS[1], tag)
+        redis.call('ZREM', KEYS[2], tag)
+    end
+    if removed[tag] == 1 then
+        redis.call(push, ARGV[i + 1], ARGV[i + 2])
+    end
+end
+return 0
+"""
+#: Tags per restore call.
+RESTORE_CHUNK = 500
+
+#: Messages fetched at most per script call when prefetch is unlimited.
+UNLIMITED_BATCH = 100
+#: BRPOP's server-side timeout on Redis < 6, which takes whole seconds only
+#: (newer servers wait exactly the poll's timeout).
+BRPOP_TIMEOUT = 1
+#: Server-side seconds of each wake-up ``BLMOVE`` (Redis >= 6.2); re-sent
+#: while the worker waits for messages.
+WAKE_TIMEOUT = 1
+#: A BRPOP with no reply this long past its timeout is on a dead connection.
+BRPOP_GRACE = 10.0
+
+
+def native_path_eligible(connection: Connection, queues: Sequence[Any]) -> bool:
+    """Whether the native path keeps every kombu guarantee for these queues.
+
+    It does not when acks are not emulated (``ack_emulation=False``: kombu
+    keeps no ``unacked`` state to match) or a queue expires (``x-expires``:
+    kombu refreshes the list and binding TTLs on each read, which this path
+    does not do).
+    """
+    if connection.transport.driver_type != "redis":
+        return False
+    options = connection.transport_options or {}
+    if not options.get("ack_emulation", True):
+        return False
+    return not any(_expires(queue) for queue in queues)
+
+
+def _expires(queue: Any) -> bool:
+    arguments = getattr(queue, "queue_arguments", None) or {}
+    return bool(getattr(queue, "expires", None) or arguments.get("x-expires"))
+
+
+class RedisBroker(KombuBroker):
+    """Task queues through the native path; everything else through kombu."""
+
+    def __init__(self, connection: Connection, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._on_delivery: DeliveryCallback | None = None
+        self._queues: list[str] = []
+        self._consuming = False
+        self._rotation = 0
+        #: Delivery tags handed to the consumer and not settled yet.
+        self._held: dict[str, None] = {}
+        self._acks: list[str] = []
+        self._requeues: list[str] = []
+        self._client: Any = None
+        self._fetch: Any = None
+        self._lease: LeaseKeeper | None = None
+        self._next_restore = 0.0
+        self._blocking: Any = None  # the BRPOP connection
+        self._blocking_id: int | None = None
+        self._brpop_sent_at: float | None = None
+        self._brpop_deadline = 0.0
+        self._fractional_timeout = False
+        #: Redis >= 6.2: wait with non-destructive BLMOVEs, one connection per key.
+        self._rotate_wait = False
+        self._waiters: dict[str, Any] = {}
+        self._waiting: dict[str, float] = {}  # key -> when its BLMOVE went out
+        self._brpop_keys: dict[str, str] = {}
+
+    # -- setup -------------------------------------------------------------
+
+    @guarded("consume")
+    def consume(self, queues: Sequence[Any], on_delivery: DeliveryCallback) -> None:
+        channel = self._channel = self.connection.default_channel
+        for queue in queues:
+            queue.bind(channel).declare()
+        self._on_delivery = on_delivery
+        self._queues = [queue.name for queue in queues]
+        prefix = channel.global_keyprefix or ""
+        self._prefix = prefix
+        self._unacked = prefix + channel.unacked_key
+        self._unacked_index = prefix + channel.unacked_index_key
+        self._client = plain_client(channel)
+        version = _server_version(self._client)
+        self._fractional_timeout = version >= (6, 0)
+        self._rotate_wait = version >= (6, 2)
+        self._fetch = self._client.register_script(FETCH_SCRIPT)
+        self._restore = self._client.register_script(RESTORE_SCRIPT)
+        self._lease = LeaseKeeper(self._client, self._unacked_index,
+                                  channel.visibility_timeout)
+        self._lease.start(lambda: self._held)
+        # Dead workers' messages are looked for as kombu's event loop does:
+        # a call every ``unacked_restore_interval`` s, a scan every
+        # ``unacked_restore_throttle``-th call.
+        self._restore_interval = float(channel.unacked_restore_interval)
+        self._next_restore = time.monotonic()
+        self._consuming = True
+
+    @guarded("add_consumer")
+    def add_queue(self, queue: Any) -> None:
+        queue.bind(self._channel).declare()
+        if _expires(queue):
+            logger.warning("Queue %s expires (x-expires): its TTL is refreshed by "
+                           "publishers only while ccworker consumes it", queue.name)
+        if queue.name not in self._queues:
+            self._queues.append(queue.name)
+
+    def cancel_queue(self, name: str) -> None:
+        self._queues = [queue for queue in self._queues if queue != name]
+        keys = set(self._wait_keys())
+        for key in [key for key in self._waiters if key not in keys]:
+            self._drop_waiter(key)
+
+    def set_prefetch(self, count: int) -> None:
+        self._prefetch = count
+
+    def limit_fetch(self, room: int | None) -> None:
+        """Every fetch is a pull bounded by `_room`: nothing to send."""
+        self._window = room
+
+    # -- the poll ----------------------------------------------------------
+
+    @guarded("poll", waits=True)
+    def poll(self, timeout: float) -> None:
+        """Settle acks, keep leases fresh, deliver what is ready or wait for it.
+
+        Waiting never takes a message off its list: on Redis >= 6.2 each
+        queue key has a connection blocked in ``BLMOVE key key RIGHT RIGHT``,
+        which returns once the list holds a message and leaves it in place
+        (moved from its tail to its tail); the next poll's fetch script then
+        leases it. A BRPOP, which kombu and older servers use, pops the
+        message: until it is leased a worker killed would take it along
+        (lost for good, kombu #305). On Redis < 6.2 that BRPOP is outstanding
+        only inside this call, for at most ``timeout``, and its reply leased
+        before the call returns, so the window is one round trip.
+
+        When a fetch goes out, the pending acks ride along in the same script
+        call: one round trip per turn for both.
+        """
+        self._flush_requeues()
+        self._maintain()
+        room = self._room()
+        if self._brpop_sent_at is None and room > 0 and self._consuming and self._queues:
+            if self._fetch_batch(room, popped=""):
+                return
+            if self._rotate_wait:
+                self._arm_waiters()
+            elif timeout > 0:
+                self._send_brpop(timeout)
+        self._flush_acks()
+        self._wait(timeout)
+
+    def _room(self) -> int:
+        room = UNLIMITED_BATCH if not self._prefetch \
+            else max(0, self._prefetch - len(self._held))
+        return room if self._window is None else min(room, self._window)
+
+    def _keys(self) -> list[str]:
+        """kombu's BRPOP order: priority steps outer, queues inner, rotated for fairness."""
+        queues = self._queues
+        start = self._rotation % len(queues)
+        self._rotation += 1
+        rotated = queues[start:] + queues[:start]
+        channel = self._channel
+        return [self._prefix + channel._q_for_pri(queue, pri)
+                for pri in channel.priority_steps for queue in rotated]
+
+    def _fetch_batch(self, room: int, popped: str | bytes) -> int:
+        acks, self._acks = self._acks, []
+        try:
+            reply = self._fetch(keys=[self._unacked, self._unacked_index, *self._keys()],
+                                args=[repr(time.time()), room, popped, *acks],
+                                client=self._client)
+        except BaseException:
+            self._acks[:0] = acks  # not sent: they go with the next attempt
+            raise
+        for index in range(0, len(reply), 2):
+            self._deliver(reply[index], _text(reply[index + 1]))
+        return len(reply) // 2
+
+    def _deliver(self, raw: bytes, tag: str) -> None:
+        try:
+            payload = _loads(raw)
+            message = self._channel.Message(payload, channel=self._channel)
+        except Exception as exc:
+            logger.critical("Received and deleted a message the transport could not "
+                            "decode: %r", exc, exc_info=True)
+            if tag:
+                self._acks.append(tag)
+            return
+        if not tag:
+            logger.critical("Received and deleted a message without a delivery tag "
+                            "or delivery info: %.200r", raw)
+            return
+        self._held[tag] = None
+        if self._window:
+            self._window -= 1
+        assert self._on_delivery is not None
+        self._on_delivery(to_delivery(message))
+
+    # -- waiting: BRPOP on our connection, the pidbox on kombu's -------------
+
+    def _send_brpop(self, timeout: float) -> None:
+        if self._blocking is None:
+            self._blocking = self._client.connection_pool.get_connection()
+            self._blocking.send_command("CLIENT", "ID")
+            self._blocking_id = int(self._blocking.read_response())
+        keys = self._keys()
+        self._brpop_keys = {key: key for key in keys}
+        # Redis takes 0 as "forever": never below a millisecond.
+        wait = max(0.001, round(timeout, 3)) if self._fractional_timeout \
+            else max(BRPOP_TIMEOUT, math.ceil(timeout))
+        self._blocking.send_command("BRPOP", *keys, wait)
+        self._brpop_sent_at = time.monotonic()
+        self._brpop_deadline = self._brpop_sent_at + wait + BRPOP_GRACE
+
+    def _wait(self, timeout: float) -> None:
+        # kombu registers the pidbox subscription (and reads what its parser
+        # already buffered) only inside a poll of its own.
+        self._drain_kombu()
+        if self._brpop_sent_at is None:
+            if self._waiting and self._read_buffered_waiters():
+                return
+            waiters = {self._waiters[key]._sock: key for key in self._waiting}
+            readers = self._kombu_sockets() + [sock for sock in waiters if sock is not None]
+            if not readers:
+                if timeout > 0:
+                    time.sleep(timeout)
+                return
+            ready = readable(readers, max(0.0, timeout))
+            for sock in ready:
+                if sock in waiters:
+                    self._read_waiter(waiters[sock])
+            if any(sock not in waiters for sock in ready):
+                self._drain_kombu()
+            self._check_waiters()
+            return
+        # The BRPOP's reply comes within its server-side timeout; the
+        # pidbox is served meanwhile. No reply by the deadline: the
+        # connection is half-open (a live server always answers in time).
+        while True:
+            if self._blocking_can_read():
+                return self._read_brpop()
+            brpop_sock = self._blocking._sock
+            if brpop_sock is None:
+                raise ConnectionError("the Redis BRPOP connection was closed")
+            remaining = self._brpop_deadline - time.monotonic()
+            if remaining <= 0:
+                self._drop_blocking()
+                raise ConnectionError("Redis BRPOP got no reply; the connection is "
+                                      "presumed dead")
+            ready = readable([*self._kombu_sockets(), brpop_sock], remaining)
+            if any(sock is not brpop_sock for sock in ready):
+                self._drain_kombu()
+            if brpop_sock in ready:
+                return self._read_brpop()
+
+    # -- the non-destructive wake-up (Redis >= 6.2) ---------------------------
+
+    def _wait_keys(self) -> list[str]:
+        """Every list a message for this worker can arrive on (no rotation)."""
+        channel = self._channel
+        return [self._prefix + channel._q_for_pri(queue, pri)
+                for pri in channel.priority_steps for queue in self._queues]
+
+    def _arm_waiters(self) -> None:
+        """Each key without a BLMOVE outstanding gets one, on a connection of its own.
+
+        The connections are made outside kombu's pool (its ``max_connections``
+        is shared with everything else on the channel).
+        """
+        pool = self._client.connection_pool
+        for key in self._wait_keys():
+            if key in self._waiting:
+                continue
+            conn = self._waiters.get(key)
+            if conn is None:
+                conn = self._waiters[key] = pool.connection_class(**pool.connection_kwargs)
+            conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", WAKE_TIMEOUT)
+            self._waiting[key] = time.monotonic()
+
+    def _read_buffered_waiters(self) -> bool:
+        """Replies already in redis-py's buffer (invisible to select()); True if any."""
+        read = False
+        for key in list(self._waiting):
+            try:
+                buffered = self._waiters[key].can_read(timeout=0)
+            except Exception:
+                buffered = False
+            if buffered:
+                self._read_waiter(key)
+                read = True
+        return read
+
+    def _read_waiter(self, key: str) -> None:
+        """The wake-up's reply: a message is there (left in place), or the timeout."""
+        try:
+            self._waiters[key].read_response()
+        except ResponseError as exc:
+            # A server that says it is 6.2 but has no BLMOVE (some
+            # Redis-compatible services): wait with BRPOP from now on.
+            logger.warning("Redis refused BLMOVE (%s); waiting with BRPOP instead", exc)
+            self._rotate_wait = False
+            self._drop_waiters()
+            return
+        del self._waiting[key]
+
+    def _check_waiters(self) -> None:
+        """A live server answers a BLMOVE within its timeout; silence means half-open."""
+        now = time.monotonic()
+        for key, sent in self._waiting.items():
+            if now - sent > WAKE_TIMEOUT + BRPOP_GRACE:
+                self._drop_waiters()
+                raise ConnectionError(f"Redis BLMOVE on {key!r} got no reply; the "
+                                      "connection is presumed dead")
+
+    def _drop_waiter(self, key: str) -> None:
+        conn = self._waiters.pop(key, None)
+        self._waiting.pop(key, None)
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except Exception:
+                pass
+
+    def _drop_waiters(self) -> None:
+        """Disconnect every wake-up connection: safe at any time, they hold no message."""
+        for key in list(self._waiters):
+            self._drop_waiter(key)
+
+    def _blocking_can_read(self) -> bool:
+        """A reply already in redis-py's buffer is invisible to select()."""
+        try:
+            return bool(self._blocking.can_read(timeout=0))
+        except Exception:
+            return False
+
+    def _read_brpop(self) -> None:
+        reply = self._blocking.read_response()
+        self._brpop_sent_at = None
+        if not reply:
+            return
+        key, raw = reply
+        key = _text(key)
+        queue = key[len(self._prefix):].split(self._channel.sep, 1)[0]
+        if not self._consuming or queue not in self._queues:
+            # Cancelled while the BRPOP was out: the message goes back to
+            # the end it was popped from, untouched.
+            self._client.rpush(key, raw)
+            return
+        try:
+            self._fetch_batch(max(1, self._room()), popped=raw)
+        except self.connection_errors:
+            self._push_back(key, raw)
+            raise
+
+    def _push_back(self, key: str, raw: bytes) -> None:
+        try:
+            self._client.rpush(key, raw)
+        except Exception:
+            logger.critical("Lost a message popped from %s: the connection failed before "
+                            "it was leased: %.200r", key, raw, exc_info=True)
+
+    def _drain_kombu(self) -> None:
+        try:
+            self.connection.drain_events(timeout=0)
+        except TimeoutError:
+            pass
+        except self.connection_errors:
+            raise
+        except Exception as exc:
+            logger.critical("Received and deleted a message the transport could not "
+                            "decode: %r", exc, exc_info=True)
+
+    def _kombu_sockets(self) -> list[Any]:
+        cycle = getattr(self.connection.transport, "cycle", None)
+        socks = getattr(cycle, "_chan_to_sock", None) or {}
+        return [sock for sock in socks.values() if sock is not None and sock.fileno() >= 0]
+
+    # -- keeping state fresh -------------------------------------------------
+
+    def _maintain(self) -> None:
+        """Look for dead workers' messages, as kombu's poll loop does."""
+        now = time.monotonic()
+        if now >= self._next_restore:
+            self._next_restore = now + self._restore_interval
+            channel = self._channel
+            channel.qos.restore_visible(num=channel.unacked_restore_limit,
+                                        interval=channel.unacked_restore_throttle)
+
+    # -- settling ------------------------------------------------------------
+
+    def ack(self, delivery: Delivery) -> None:
+        tag = delivery.handle.delivery_tag
+        if self._held.pop(tag, 0) is None:
+            self._acks.append(tag)
+
+    def reject(self, delivery: Delivery, requeue: bool) -> None:
+        tag = delivery.handle.delivery_tag
+        if self._held.pop(tag, 0) is not None:
+            return
+        (self._requeues if requeue else self._acks).append(tag)
+
+    def _flush_requeues(self) -> None:
+        if self._requeues:
+            tags, self._requeues = self._requeues, []
+            try:
+                self.restore(tags, leftmost=True)
+            except BaseException:
+                self._requeues[:0] = tags  # owed still: `abandon` hands them on
+                raise
+
+    def _flush_acks(self) -> None:
+        self._flush_requeues()
+        if not self._acks:
+            return
+        tags, self._acks = self._acks, []
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.zrem(self._unacked_index, *tags)
+            pipe.hdel(self._unacked, *tags)
+            pipe.execute()
+        except BaseException:
+            # Not acked (or not known to be): still owed, so a connection lost
+            # here hands them to the next one (`abandon`/`adopt`) instead of
+            # the messages coming back after visibility_timeout. Acking twice
+            # is harmless.
+            self._acks[:0] = tags
+            raise
+
+    def restore(self, tags: Sequence[str], leftmost: bool) -> None:
+        """Put held messages back where they were published, as kombu's
+        ``restore_by_tag`` does (marked redelivered, routed through the
+        exchange's bindings, priority list kept), in chunks of one round trip
+        to read and one to write."""
+        channel = self._channel
+        for start in range(0, len(tags), RESTORE_CHUNK):
+            chunk = tags[start:start + RESTORE_CHUNK]
+            args: list[Any] = ["1" if leftmost else "0"]
+            for tag, stored in zip(chunk, self._client.hmget(self._unacked, chunk)):
+                if stored is None:
+                    continue  # acked, or restored by someone else already
+                try:
+                    payload, exchange, routing_key = kombu_loads(stored)
+                    _mark_redelivered(payload)
+                    priority = channel._get_message_priority(payload, reverse=False)
+                    for queue in channel._lookup(exchange, routing_key):
+                        args += [tag, self._prefix + channel._q_for_pri(queue, priority),
+                                 kombu_dumps(payload)]
+                except Exception:
+                    logger.critical("Could not restore message: %.200r", stored, exc_info=True)
+            if len(args) > 1:
+                self._restore(keys=[self._unacked, self._unacked_index], args=args,
+                              client=self._client)
+
+    # -- stopping ------------------------------------------------------------
+
+    @guarded("cancel")
+    def cancel(self) -> None:
+        """No more deliveries; a BRPOP in flight is unblocked and its message returned."""
+        self._consuming = False
+        self._drop_waiters()
+        if self._brpop_sent_at is None:
+            return
+        try:
+            if self._blocking_id is not None:
+                self._client.client_unblock(self._blocking_id)
+            self._read_brpop()
+        except self.connection_errors:
+            self._drop_blocking()
+        except Exception:
+            # CLIENT UNBLOCK not allowed: the reply comes within BRPOP_TIMEOUT.
+            self._read_brpop()
+
+    @guarded("close")
+    def close(self) -> None:
+        """Send pending acks and give every held message back, as kombu does at close."""
+        try:
+            if self._client is not None:
+                self.cancel()
+                self._flush_acks()
+                held, self._held = list(self._held), {}
+                self.restore(held, leftmost=False)
+        except Exception:
+            logger.debug("could not return held messages; they come back after "
+                         "visibility_timeout", exc_info=True)
+        finally:
+            self._drop_blocking()
+            self._drop_waiters()
+            super().close()
+
+    def break_connection(self) -> None:
+        super().break_connection()
+        blocking = self._blocking
+        socks = [conn._sock for conn in self._waiters.values()]
+        if blocking is not None:
+            socks.append(blocking._sock)
+        break_sockets(socks)
+
+    def abandon(self) -> dict[str, list[str]]:
+        """The connection is lost: drop it without a word to Redis, and return
+        what it still owed: acks and requeues not sent, and every tag held.
+
+        Delivery tags are Redis keys, not per connection, so the next
+        connection can settle all of it (`adopt`), which kombu's path cannot.
+        """
+        self.break_connection()
+        owed = {"acks": list(self._acks), "requeues": list(self._requeues),
+                "held": list(self._held)}
+        self._acks, self._requeues, self._held = [], [], {}
+        self._consuming = False
+        self._brpop_sent_at = None
+        self._blocking = None  # its socket is shut: never read again
+        self._drop_waiters()
+        super().abandon()
+        return owed
+
+    @guarded("adopt")
+    def adopt(self, owed: dict[str, list[str]], running: Sequence[Delivery]) -> set[str]:
+        """Settle, on this connection, what a lost one owed (`abandon`).
+
+        The messages of ``running`` (tasks still running, never acked) are
+        held and leased here and acked when they end; the lost acks and
+        requeues are sent; every other held message (reserved, ETA,
+        rate-limited: the consumer dropped them) goes back to its queue now,
+        not after ``visibility_timeout``. Returns the tags now held here.
+        """
+        lost = set(owed["held"])
+        kept = {delivery.handle.delivery_tag for delivery in running} & lost
+        for tag in kept:
+            self._held[tag] = None
+        if kept and self._lease is not None:
+            # Their lease went unrefreshed while the connection was down:
+            # renew it before any restore (ours included) finds it stale.
+            self._lease.refresh(kept)
+        self._acks.extend(owed["acks"])
+        self._requeues.extend(owed["requeues"])
+        self._flush_acks()
+        self.restore([tag for tag in owed["held"] if tag not in kept], leftmost=False)
+        return kept
+
+    def _drop_blocking(self) -> None:
+        blocking, self._blocking = self._blocking, None
+        self._brpop_sent_at = None
+        self._blocking_id = None
+        if blocking is not None:
+            try:
+                blocking.disconnect()
+                self._client.connection_pool.release(blocking)
+            except Exception:
+                pass
+
+
+def readable(socks: Sequence[Any], timeout: float) -> list[Any]:
+    """The sockets among ``socks`` with data to read within ``timeout`` seconds.
+
+    ``poll`` rather than ``select``: a worker holding more than 1024 file
+    descriptors (gevent with many connections, a test process) would make
+    ``select`` fail with "filedescriptor out of range". Under gevent's monkey
+    patching ``poll`` is gone and ``select`` is gevent's own, which has no
+    such limit.
+    """
+    if not hasattr(select, "poll"):
+        return select.select(list(socks), [], [], timeout)[0]
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        fd = sock.fileno()
+        by_fd[fd] = sock
+        poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))]
+
+
+def _server_version(client: Any) -> tuple[int, ...]:
+    """``redis_version`` of INFO as a tuple; (0,) if the server hides it."""
+    try:
+        version = client.info("server").get("redis_version", "0")
+        return tuple(int(part) for part in str(version).split(".")[:2])
+    except Exception:
+        return (0,)
+
+
+def _mark_redelivered(payload: dict) -> None:
+    """What kombu sets on a restored message (``_do_restore_message``)."""
+    try:
+        payload["headers"]["redelivered"] = True
+        payload["properties"]["delivery_info"]["redelivered"] = True
+    except (KeyError, TypeError):
+        pass
+
+
+def _loads(raw: bytes) -> Any:
+    """The transport envelope: plain JSON, so orjson (kombu's loads for what it rejects)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return kombu_loads(raw)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
