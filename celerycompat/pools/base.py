@@ -29,7 +29,7 @@ class Pool(Protocol):
     name: str
     """The implementation name as ``inspect stats`` reports it."""
     limit: int
-    """How many tasks may run at once."""
+    """How many tasks may run at once (the consumer's slot count)."""
     runs_inline: bool
     """True when ``apply`` runs the task before returning (solo)."""
 
@@ -50,6 +50,37 @@ class Pool(Protocol):
 
     def stop(self, wait: bool = True) -> None:
         """Stop taking tasks; with ``wait`` return only when running ones are done."""
+
+    def terminate(self, task_id: str, signum: int) -> bool:
+        """End the run of ``task_id`` now (``revoke(terminate=True)``).
+
+        Called on the consumer thread for a task the consumer handed to
+        ``apply`` and has no outcome for yet. True if the run is being ended:
+        the pool then still calls its ``on_done`` once, when the run is gone
+        (prefork: the child running it was sent ``signum`` and exited, or
+        finished anyway; ``State.REVOKED`` if the pool ended it itself). The
+        consumer has announced REVOKED by then and drops that outcome. False
+        if the pool cannot end it (solo; a run already writing its result).
+        """
+
+    def restart(self) -> None:
+        """``pool_restart``: replace the pool's processes with fresh ones
+        (forked from the reloaded parent); NotImplementedError for pools
+        that run tasks in this process, as Celery's do."""
+
+
+class ResizablePool(Pool, Protocol):
+    """A pool whose number of slots changes at run time (``pool_grow``,
+    ``pool_shrink``, ``--autoscale``). ``limit`` follows; the consumer's
+    slot count and prefetch count follow ``limit``. The solo pool is not
+    one (Celery's has no ``grow`` either)."""
+
+    def grow(self, n: int = 1) -> None:
+        """``n`` more slots."""
+
+    def shrink(self, n: int = 1) -> None:
+        """``n`` fewer slots; ValueError if the pool cannot give up that many
+        now (prefork: only idle processes stop, as billiard's)."""
 
 
 def run_guarded(runner: TaskRunner, task_name: str, message: TaskMessage,

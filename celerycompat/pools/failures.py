@@ -157,14 +157,20 @@ def _retry(runner: Any, task: Any, message: Any, context: Any, exc: BaseExceptio
     return True
 
 
-def hard_time_limit(runner: Any, task: Any, message: Any, timeout: Any) -> Outcome:
-    """The parent killed the child at the hard limit ``timeout`` (seconds, as given)."""
+def hard_time_limit(runner: Any, task: Any, message: Any, timeout: Any, *,
+                    handler_line: bool = True) -> Outcome:
+    """The parent killed the child at the hard limit ``timeout`` (seconds, as given).
+
+    ``handler_line=False``: without prefork's "Task handler raised error"
+    line (Celery's gevent pool, which has no second pass, does not log it).
+    """
     exc = TimeLimitExceeded(timeout)
     context = context_for(runner, message)
     _, store_errors = _store_errors(task, context)
     einfo = _einfo(exc)
-    # The line Celery's second pass (the pool's error callback) logs first.
-    logger.error("Task handler raised error: %r", exc, exc_info=einfo.exc_info)
+    if handler_line:
+        # The line Celery's second pass (the pool's error callback) logs first.
+        logger.error("Task handler raised error: %r", exc, exc_info=einfo.exc_info)
     logger.error("Hard time limit (%ss) exceeded for %s[%s]", timeout, message.name,
                  message.id)
     try:

@@ -35,6 +35,16 @@ records for a child that cannot (lost, killed at the hard limit)
 * Stop: warm waits for queued and running jobs, then asks each child to
   exit (``worker_process_shutdown`` runs there); cold sends SIGTERM, then
   SIGKILL after a second.
+* Remote control, run on the supervisor thread (`_call`), which owns the
+  children: ``revoke(terminate=True)`` (`terminate`) sends the signal to the
+  child running the task; its exit is then neither logged nor a lost worker
+  (the consumer announced REVOKED; billiard's ``terminate_job`` and
+  ``_controlled_termination``), and it is replaced. ``pool_grow`` (`grow`)
+  raises the number of children, forked on the next turn; ``pool_shrink``
+  (`shrink`) asks idle children to exit (ValueError, billiard's, when fewer
+  are idle than asked: those that are stop all the same); ``pool_restart``
+  (`restart`) asks every child to exit once idle, and each is replaced by a
+  fork of the (reloaded) parent.
 """
 
 from __future__ import annotations
@@ -50,8 +60,10 @@ import socket
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from celery import signals
 
@@ -74,6 +86,8 @@ COLD_KILL_GRACE = 1.0
 RESPAWN_BACKOFF = 1.0
 #: How often every child is polled with ``waitpid`` (deaths without EOF).
 REAP_INTERVAL = 0.5
+#: How long a remote-control call waits for the supervisor thread.
+CALL_TIMEOUT = 10.0
 
 
 @dataclass(eq=False)
@@ -90,6 +104,13 @@ class Job:
     soft: Any = None
     handled: bool = False
     """``on_done`` was called (by the child's report or by the parent)."""
+    term_signal: int | None = None
+    """``revoke(terminate=True)``: the signal for its child (sent at once, or
+    when the child accepts the job). No time limit, no lost worker then."""
+
+    @property
+    def terminated(self) -> bool:
+        return self.term_signal is not None
 
 
 @dataclass(eq=False)
@@ -108,10 +129,15 @@ class Child:
     controlled: bool = False
     """We are stopping it: its exit is not an error."""
     stop_sent: bool = False
+    signalled: bool = False
+    """``terminate`` signalled it: its exit is not an error (until it takes a new job)."""
+    retire: bool = False
+    """``pool_restart``: it is asked to exit once idle, and replaced."""
 
     @property
     def idle(self) -> bool:
-        return self.up and self.job is None and not (self.last or self.eof or self.stop_sent)
+        return self.up and self.job is None and not (
+            self.last or self.eof or self.stop_sent or self.retire)
 
 
 class PreforkPool:
@@ -125,7 +151,12 @@ class PreforkPool:
                  loglevel: int | None = None, logfile: str | None = None,
                  proc_alive_timeout: float | None = 4.0) -> None:
         self.runner = runner
-        self.limit = max(1, int(limit))
+        self.limit = max(0, int(limit))
+        """The number of children kept (``-c``; ``pool_grow``/``shrink``, autoscale)."""
+        self.initial_limit = self.limit
+        """What ``inspect stats`` shows as ``max-concurrency``: Celery's prefork
+        pool reports the size it was created with (``-c``, or the autoscale
+        minimum), whatever grow/shrink/autoscale did since."""
         self.hostname = hostname
         self.max_tasks_per_child = max_tasks_per_child or None
         self.max_memory_per_child = max_memory_per_child or None
@@ -149,6 +180,8 @@ class PreforkPool:
         self._next_reap = 0.0
         self._writes: dict[int, int] = {}
         """Jobs written per child index (``inspect stats`` ``writes``)."""
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
+        """Remote-control work for the supervisor thread (`_call`)."""
 
     # -- what inspect will need --------------------------------------------------
 
@@ -190,7 +223,7 @@ class PreforkPool:
 
         return {
             "implementation": self.name,
-            "max-concurrency": self.limit,
+            "max-concurrency": self.initial_limit,
             "processes": [child.pid for child in children],
             "max-tasks-per-child": self.max_tasks_per_child or "N/A",
             # Celery's consumer runs an event loop, so its pool has no put-locks.
@@ -202,7 +235,8 @@ class PreforkPool:
                 "all": ", ".join(per(v) for v in vals),
                 "raw": ", ".join(map(str, vals)),
                 "strategy": "fair",
-                "inqueues": {"total": len(children), "active": 0},
+                # Celery counts a process's queue once the process is up.
+                "inqueues": {"total": sum(1 for child in children if child.up), "active": 0},
             },
         }
 
@@ -231,6 +265,72 @@ class PreforkPool:
             return
         self._pending.append(Job(job_no, task_name, message, on_done, payload))
         self._wake()
+
+    def terminate(self, task_id: str, signum: int) -> bool:
+        """Send ``signum`` to the child running ``task_id`` (billiard's ``terminate_job``).
+
+        Its exit is then not logged and not a lost worker; the job is
+        reported as ``State.REVOKED`` when the child is gone (or with the
+        child's own outcome if it finishes anyway: a signal it ignores, or
+        one that came just too late), and the child is replaced.
+        """
+        def kill() -> bool:
+            for job in self._pending:
+                if job.message.id == task_id and not job.handled:
+                    # Not handed to a child yet: it never starts.
+                    self._pending.remove(job)
+                    job.handled = True
+                    self._report(job.on_done, lambda: Outcome(State.REVOKED))
+                    return True
+            for child in self._children.values():
+                job = child.job
+                if job is None or job.handled or job.message.id != task_id:
+                    continue
+                job.term_signal = signum
+                if job.accepted:
+                    self._signal_terminated(child, job)
+                # else: when the child accepts it (Celery's ``_terminate_on_ack``).
+                return True
+            return False
+
+        return bool(self._call(kill, default=False))
+
+    def grow(self, n: int = 1) -> None:
+        """``n`` more children, forked on the supervisor's next turn (billiard's ``grow``)."""
+        self.limit += max(0, int(n))
+        self._wake()
+
+    def shrink(self, n: int = 1) -> None:
+        """Ask up to ``n`` idle children to exit (billiard's ``shrink``).
+
+        Raises billiard's ValueError when fewer than ``n`` are idle; the idle
+        ones were stopped all the same (and ``limit`` lowered for each).
+        """
+        def stop_idle() -> int:
+            stopped = 0
+            for child in sorted(self._children.values(), key=lambda c: c.index):
+                if stopped >= n:
+                    break
+                # Idle, or still starting: no job of its own (billiard's "inactive").
+                if child.job is None and not (child.last or child.eof or child.stop_sent):
+                    self._send_stop(child)
+                    self.limit -= 1
+                    stopped += 1
+            return stopped
+
+        n = max(0, int(n))
+        if self._call(stop_idle, default=0) < n:
+            raise ValueError("Can't shrink pool. All processes busy!")
+
+    def restart(self) -> None:
+        """``pool_restart``: every child exits once idle and is replaced by a fork
+        of this (reloaded) process, as billiard's restart sentinel does."""
+        def retire_all() -> None:
+            for child in self._children.values():
+                child.retire = True
+            self._retire_idle()
+
+        self._call(retire_all)
 
     def stop(self, wait: bool = True) -> None:
         thread = self._thread
@@ -310,6 +410,34 @@ class PreforkPool:
             for child in list(self._children.values()):
                 _kill(child.pid, signal.SIGKILL)
             raise
+        finally:
+            # Control requests that came in while the pool stopped: answer
+            # them here (there are no children left to act on).
+            self._run_calls()
+
+    def _call(self, fn: Callable[[], Any], default: Any = None) -> Any:
+        """Run ``fn`` on the supervisor thread (which owns the children) and
+        return its result; at once if there is no supervisor (not started,
+        stopped). ``default`` if the supervisor does not answer in time."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or thread is threading.current_thread():
+            return fn()
+        future: Future = Future()
+        self._calls.append((fn, future))
+        self._wake()
+        try:
+            return future.result(CALL_TIMEOUT)
+        except FutureTimeout:  # the builtin TimeoutError only from Python 3.11
+            logger.error("The prefork pool supervisor did not answer a control request")
+            return default
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            fn, future = self._calls.popleft()
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
 
     def _turn(self) -> None:
         assert self._selector is not None
@@ -322,6 +450,7 @@ class PreforkPool:
                     pass
             else:
                 self._read(key.data)
+        self._run_calls()
         now = time.monotonic()
         self._fire_timers(now)
         self._reap(now)
@@ -330,6 +459,7 @@ class PreforkPool:
         elif self._stop_mode == "cold":
             self._stop_cold(now)
         self._dispatch()
+        self._retire_idle()
         if self._stop_mode == "warm":
             self._stop_warm()
 
@@ -377,7 +507,11 @@ class PreforkPool:
             if job is None or job.no != message[1]:
                 return
             job.accepted = True
+            child.signalled = False  # a new job: a terminate signal did not end it
             job.payload = b""  # it can no longer be given to another child
+            if job.terminated:
+                self._signal_terminated(child, job)
+                return
             job.time_start = time.time()
             task = self.runner.app.tasks.get(job.task_name)
             job.hard, job.soft = procproto.time_limits(
@@ -436,7 +570,7 @@ class PreforkPool:
                 continue
             job = what
             child = job.child
-            if job.handled or child is None or child.job is not job:
+            if job.handled or job.terminated or child is None or child.job is not job:
                 continue
             if kind == "soft":
                 request_logger.warning("Soft time limit (%ss) exceeded for %s[%s]",
@@ -447,6 +581,13 @@ class PreforkPool:
                     self._add_timer(now + delay, "hard", job)
             elif kind == "hard":
                 self._hard_limit(job, child, now)
+
+    @staticmethod
+    def _signal_terminated(child: Child, job: Job) -> None:
+        """Send ``revoke(terminate=True)``'s signal to the child running ``job``."""
+        child.signalled = True
+        assert job.term_signal is not None
+        _kill(child.pid, job.term_signal)
 
     def _hard_limit(self, job: Job, child: Child, now: float) -> None:
         job.handled = True
@@ -483,7 +624,8 @@ class PreforkPool:
         self._on_eof(child)
         child.sock.close()
         self._children.pop(child.pid, None)
-        if exitcode not in (0, procproto.EX_RECYCLE) and not child.controlled:
+        if exitcode not in (0, procproto.EX_RECYCLE) and not (child.controlled
+                                                              or child.signalled):
             billiard_logger.error("Process %r pid:%r exited with %r", child.name, child.pid,
                                   procproto.human_status(exitcode))
         if not child.up and self._stop_mode is None:
@@ -495,11 +637,15 @@ class PreforkPool:
         if self._stop_mode == "cold":
             job.handled = True  # killed on purpose; the consumer no longer listens
             return
-        if not job.accepted:
+        if not job.accepted and not job.terminated:
             job.child = None
             self._pending.appendleft(job)  # it never started: give it to another child
             return
         job.handled = True
+        if job.terminated:
+            # Killed by ``revoke(terminate=True)``: REVOKED is announced already.
+            self._report(job.on_done, lambda: Outcome(State.REVOKED))
+            return
         text = procproto.worker_lost_text(exitcode, job.no)
         self._report(job.on_done, lambda: self._lost(job, text))
 
@@ -538,11 +684,22 @@ class PreforkPool:
         for child in list(self._children.values()):
             if child.stop_sent or child.eof:
                 continue
-            child.stop_sent = child.controlled = True
-            try:
-                child.sock.sendall(procproto.dumps(("stop",)))
-            except OSError:
-                self._on_eof(child)
+            self._send_stop(child)
+
+    def _retire_idle(self) -> None:
+        """``pool_restart``: children marked to retire leave once they have no job."""
+        for child in list(self._children.values()):
+            if child.retire and child.up and child.job is None and not (
+                    child.stop_sent or child.eof):
+                self._send_stop(child)
+
+    def _send_stop(self, child: Child) -> None:
+        """Ask ``child`` to exit cleanly (``worker_process_shutdown`` runs there)."""
+        child.stop_sent = child.controlled = True
+        try:
+            child.sock.sendall(procproto.dumps(("stop",)))
+        except OSError:
+            self._on_eof(child)
 
     def _stop_cold(self, now: float) -> None:
         if self._cold_deadline is None:

@@ -39,6 +39,7 @@ import os
 import pickle
 import signal
 import struct
+import threading
 from typing import Any, Iterator
 
 HEADER = struct.Struct(">I")
@@ -148,6 +149,28 @@ def time_limits(timelimit: Any, task: Any, default_hard: Any,
             hard, soft = timelimit
         except (TypeError, ValueError):
             hard = soft = None
-    hard = hard or getattr(task, "time_limit", None) or default_hard
-    soft = soft or getattr(task, "soft_time_limit", None) or default_soft
-    return hard or None, soft or None
+    hard = _seconds(hard) or _seconds(getattr(task, "time_limit", None)) \
+        or _seconds(default_hard)
+    soft = _seconds(soft) or _seconds(getattr(task, "soft_time_limit", None)) \
+        or _seconds(default_soft)
+    return hard, soft
+
+
+def _seconds(value: Any) -> Any:
+    """A limit the pools can arm, or None (no limit from this source).
+
+    ``control time_limit`` stores whatever a client sent on the task
+    (``soft="abc"``), and settings may be strings: a number or a numeric
+    string counts, anything else (junk, NaN, infinite, zero or negative,
+    longer than a timer can wait) does not, so junk never stops a task
+    from running.
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not 0 < seconds <= threading.TIMEOUT_MAX:  # also False for NaN
+        return None
+    return value if isinstance(value, (int, float)) else seconds

@@ -292,3 +292,69 @@ def test_warm_stop_waits_for_children(make_pool):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# --------------------------------------------------------------------------
+# Remote control: terminate, grow, shrink, restart
+# --------------------------------------------------------------------------
+
+
+def start(pool, msg):
+    """Apply ``msg``; return the list its outcome will be appended to."""
+    box: list = []
+    pool.apply(msg.task, msg, box.append)
+    return box
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_terminate_signals_the_child_and_reports_revoked(make_pool, signum):
+    pool = make_pool(2)
+    msg = message("t.sleep", (30,))
+    box = start(pool, msg)
+    assert wait_for(lambda: pool.pid_for(msg.id) is not None)
+    victim = pool.pid_for(msg.id)
+    assert pool.terminate(msg.id, signum) is True
+    assert wait_for(lambda: box), "no outcome"
+    assert [outcome.state for outcome in box] == [State.REVOKED]
+    # Not a lost worker: the parent stored nothing (it made no result store at all).
+    assert all(store.failures == [] for store in pool.stores)
+    assert wait_for(lambda: len(pool.processes) == 2 and victim not in pool.processes)
+    assert run(pool, message("t.pid")).state is State.SUCCESS
+
+
+def test_terminate_of_a_job_no_child_took_yet(make_pool):
+    pool = make_pool(1)
+    busy = start(pool, message("t.sleep", (1,)))
+    waiting = message("t.pid")
+    box = start(pool, waiting)
+    assert pool.terminate(waiting.id, signal.SIGTERM) is True
+    assert wait_for(lambda: box) and box[0].state is State.REVOKED
+    assert wait_for(lambda: busy) and busy[0].state is State.SUCCESS
+    assert pool.terminate("no-such-task", signal.SIGTERM) is False
+
+
+def test_grow_and_shrink(make_pool):
+    pool = make_pool(2)
+    pool.grow(2)
+    assert pool.limit == 4
+    assert wait_for(lambda: len(pool.processes) == 4)
+    assert pool.info()["max-concurrency"] == 2  # Celery's shows the size it started with
+    pool.shrink(1)
+    assert pool.limit == 3 and wait_for(lambda: len(pool.processes) == 3)
+    busy = start(pool, message("t.sleep", (2,)))
+    assert wait_for(lambda: any(w["task_id"] for w in pool.workers()))
+    with pytest.raises(ValueError, match="All processes busy"):
+        pool.shrink(3)  # two are idle: they stop, then billiard's error
+    assert pool.limit == 1
+    assert wait_for(lambda: busy) and busy[0].state is State.SUCCESS
+    assert len(pool.processes) == 1
+
+
+def test_restart_replaces_every_child_once_idle(make_pool):
+    pool = make_pool(2)
+    before = set(pool.processes)
+    busy = start(pool, message("t.sleep", (1,)))
+    pool.restart()
+    assert wait_for(lambda: busy) and busy[0].state is State.SUCCESS
+    assert wait_for(lambda: len(pool.processes) == 2 and not before & set(pool.processes))
+    assert run(pool, message("t.pid")).state is State.SUCCESS
