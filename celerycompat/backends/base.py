@@ -110,7 +110,7 @@ class MetaEncoder:
         )
 
 
-def _ignores_result(request: Any) -> bool:
+def ignores_result(request: Any) -> bool:
     return bool(request is not None and request.ignore_result)
 
 
@@ -179,7 +179,7 @@ class NativeStore:
         store_result: bool = True,
         state: str = states.SUCCESS,
     ) -> None:
-        if store_result and not _ignores_result(request):
+        if store_result and not ignores_result(request):
             self.store_result(task_id, result, state, request=request)
         if request and request.chord:
             self.backend.on_chord_part_return(request, state, result)

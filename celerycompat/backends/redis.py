@@ -14,6 +14,7 @@ disagree with how a Celery client reads the result.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import states
@@ -22,7 +23,8 @@ from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import WatchError
 
 from ..protocol import codecs
-from .base import NativeStore
+from . import group_commit
+from .base import NativeStore, ignores_result
 
 __all__ = ("RedisResultStore", "STORE_RESULT_LUA")
 
@@ -78,6 +80,8 @@ class RedisResultStore(NativeStore):
         # Prefix matching in Lua only understands uncompressed JSON.
         self.lua_decides = self.encoder.serializer == "json" and not self.compression
         self._script = self.client.register_script(STORE_RESULT_LUA)
+        self._writer: group_commit.GroupWriter | None = None
+        self._writer_lock = threading.Lock()
 
     def encode_meta(self, meta: dict) -> bytes:
         """Serialize (and compress, C11) a meta document as Celery's ``encode``."""
@@ -89,6 +93,14 @@ class RedisResultStore(NativeStore):
     def _store(
         self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
     ) -> None:
+        key, payload, expires = self._prepare(task_id, result, state, traceback, request)
+        # backend.ensure = Celery's reconnect-and-retry policy for Redis errors.
+        self.backend.ensure(self._write, (key, payload, expires))
+
+    def _prepare(
+        self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
+    ) -> tuple[bytes, bytes, int]:
+        """The key, encoded meta and TTL of one write; refuses what Redis cannot hold."""
         meta = self.encoder.meta(bytes_to_str(task_id), result, state, traceback, request)
         payload = self.encode_meta(meta)
         if len(payload) > MAX_VALUE_SIZE:
@@ -99,8 +111,59 @@ class RedisResultStore(NativeStore):
             )
         key = self.backend.get_key_for_task(task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        # backend.ensure = Celery's reconnect-and-retry policy for Redis errors.
-        self.backend.ensure(self._write, (key, payload, expires or 0))
+        return key, payload, expires or 0
+
+    # -- group commit (backends/group_commit.py) ------------------------------
+
+    def mark_as_done(
+        self,
+        task_id: str,
+        result: Any,
+        request: Any = None,
+        store_result: bool = True,
+        state: str = states.SUCCESS,
+    ) -> None:
+        """SUCCESS of a plain task: deferred to the writer thread when enabled."""
+        if not (group_commit.enabled() and store_result and state == states.SUCCESS
+                and not (request is not None and request.chord)):
+            return super().mark_as_done(task_id, result, request, store_result, state)
+        if ignores_result(request):
+            return None
+        encoded = self.encoder.encode_result(result, state)
+        item = self._prepare(task_id, encoded, state, None, request)
+        group_commit.add_pending(self._group_writer().submit(item))
+        return None
+
+    def _group_writer(self) -> group_commit.GroupWriter:
+        if self._writer is None:
+            with self._writer_lock:
+                if self._writer is None:
+                    self._writer = group_commit.GroupWriter(self._write_many)
+        return self._writer
+
+    def _write_many(self, items: list[tuple[bytes, bytes, int]]) -> list[BaseException | None]:
+        """One pipeline for the batch (Celery's retry policy around it); a
+        write the script cannot decide is redone alone, as `_write` does."""
+        replies = self.backend.ensure(self._pipeline_writes, (items,))
+        errors: list[BaseException | None] = []
+        for (key, payload, expires), reply in zip(items, replies):
+            try:
+                if isinstance(reply, BaseException):
+                    raise reply
+                if reply == UNDECIDED:
+                    self.backend.ensure(self._write_watched, (key, payload, expires))
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
+    def _pipeline_writes(self, items: list[tuple[bytes, bytes, int]]) -> list[Any]:
+        if not self.lua_decides:
+            return [UNDECIDED] * len(items)
+        pipe = self.client.pipeline(transaction=False)
+        for key, payload, expires in items:
+            self._script(keys=[key], args=[payload, expires], client=pipe)
+        return pipe.execute(raise_on_error=False)
 
     def _write(self, key: bytes, payload: bytes, expires: int) -> None:
         if self.lua_decides:

@@ -9,7 +9,7 @@ function of the task's ack settings and the outcome, puts Celery's rules
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -20,6 +20,9 @@ class State(str, enum.Enum):
     REJECTED = "REJECTED"
     IGNORED = "IGNORED"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    REVOKED = "REVOKED"
+    """Ended by ``revoke(terminate=True)``: the consumer announced REVOKED when it
+    asked the pool to terminate the run; the pool reports this once the run is gone."""
 
 
 class Settle(str, enum.Enum):
@@ -55,6 +58,19 @@ class Outcome:
     exception_repr: str | None = None
     """``safe_repr`` of the exception (``task-failed/-retried.exception``)."""
     traceback: str | None = None
+    durable: Any = field(default=None, repr=False, compare=False)
+    """A ``concurrent.futures.Future`` of the deferred SUCCESS write, or None
+    (written already, or nothing to write). Never crosses a process."""
+
+    def after_write(self, durable: Any) -> Outcome:
+        """This outcome once its deferred write is done; a failed write makes
+        it an internal error (the result is not stored, as a failing
+        synchronous write would have)."""
+        error = durable.exception()
+        if error is None:
+            return self
+        return Outcome(State.INTERNAL_ERROR, error, runtime=self.runtime,
+                       exception_repr=repr(error))
 
 
 def settle(outcome: Outcome, *, acks_late: bool, acks_on_failure_or_timeout: bool) -> Settle:

@@ -34,8 +34,11 @@ from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_etype, get_pickleable_exception
 from kombu.exceptions import EncodeError, OperationalError
 
+from celerycompat.backends import group_commit
 from celerycompat.execution.context import build_context, request_dict
+from celerycompat.execution.dedupe import Deduplicator
 from celerycompat.execution.outcome import Outcome, State
+from celerycompat.execution.tracer import Tracers
 from celerycompat.protocol.message import TaskMessage
 
 logger = logging.getLogger("celery.app.trace")
@@ -76,10 +79,25 @@ class TaskRunner:
         self._info_enabled = logger.isEnabledFor(logging.INFO)
         self._hooks: dict[str, tuple[Callable | None, Callable | None, Callable | None,
                                      Callable]] = {}
+        # Each task type's tracer comes out of celery.app.trace.build_tracer,
+        # where Sentry's (and other) instrumentation hooks in (tracer.py).
+        self._tracers = Tracers(app, settings.hostname)
+        #: ``worker_deduplicate_successful_tasks`` (execution/dedupe.py).
+        self._dedupe = Deduplicator(app)
 
     def for_new_process(self) -> TaskRunner:
         """A runner for a forked pool process: its own pid, stores and caches."""
-        return type(self)(self.app, self.settings, self._store_for)
+        return self.with_stores(self._store_for)
+
+    def with_stores(self, store_for: Callable[[Any, Any], Any]) -> TaskRunner:
+        """A sibling runner (same app and settings) whose result stores come
+        from ``store_for``: how a pool wraps every store (pools/deadlines.py)."""
+        return type(self)(self.app, self.settings, store_for)
+
+    @property
+    def store_for(self) -> Callable[[Any, Any], Any]:
+        """``(app, backend) -> ResultStore``: how this runner builds its stores."""
+        return self._store_for
 
     # -- the task's own hooks, looked up once per task type -----------------
 
@@ -112,7 +130,16 @@ class TaskRunner:
     # -- one run ---------------------------------------------------------------
 
     def run(self, task: Task, message: TaskMessage) -> Outcome:
-        """Run ``message`` with ``task``; never raises for task errors."""
+        """Run ``message`` with ``task``; never raises for task errors.
+
+        A SUCCESS write the store deferred (group commit) comes back as
+        ``outcome.durable``: the consumer settles the message once it is done.
+        """
+        outcome = self._run(task, message)
+        outcome.durable = group_commit.take()
+        return outcome
+
+    def _run(self, task: Task, message: TaskMessage) -> Outcome:
         started = time.monotonic()
         context = None
         try:
@@ -121,7 +148,14 @@ class TaskRunner:
                 loglevel=self.settings.loglevel, logfile=self.settings.logfile,
             )
             context = build_context(message, req)
-            outcome = self._trace(task, message, context, started)
+            if self._dedupe.enabled:
+                duplicate = self._dedupe.check(
+                    task, context, self._name(task, context),
+                    lambda retval: self._dispatch_callbacks_and_chain(
+                        task, context, message, retval))
+                if duplicate is not None:
+                    return duplicate
+            outcome = self._tracers.run(task, self._trace, message, req, context, started)
             if outcome.state is State.REJECTED and not outcome.requeue:
                 # Celery records this after the trace (task_postrun first),
                 # in the worker's handling of the rejection.
@@ -244,6 +278,7 @@ class TaskRunner:
                 "kwargs": context.get("kwargsrepr") or saferepr(message.kwargs),
             }
             logger.info(LOG_SUCCESS, data, extra={"data": data})
+        self._dedupe.remember(task, message.id)
         return Outcome(State.SUCCESS, retval, runtime, result_repr=result_repr)
 
     def _dispatch_callbacks_and_chain(self, task: Task, context: Any,

@@ -1,0 +1,127 @@
+"""Group commit of SUCCESS writes: the slot is free before the write is done.
+
+Why: on Redis a stored result costs one round trip, and until now the pool
+slot waited for it, so a worker could never run tasks faster than one write
+per slot per round trip (about 65% of a no-op task's time on solo, by
+cProfile). Here the SUCCESS meta is encoded in the task's thread (the value
+cannot change under us), handed to one writer thread that sends whatever has
+queued up in one pipeline, and the task's slot is free at once.
+
+What still waits for the write is everything a client could observe out of
+order (see `consumer.Consumer._settle`): the message's ack (a result is
+always stored before its message is acked, so a crash in between only
+redelivers), the ``task-succeeded`` event, and a warm shutdown. Writes that
+something reads right after them stay synchronous: chord members (the chord
+counter reads the header results), FAILURE/RETRY/REVOKED, STARTED.
+
+Only in-process pools defer (solo, threads, gevent): `enable` records the
+pid, so a prefork child, forked later, writes synchronously as before.
+
+The pending writes of the current run are collected per thread (per
+greenlet under gevent), and `take` hands them to the runner's `Outcome`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+logger = logging.getLogger("celery.backends")
+
+#: Writes sent per pipeline at most.
+BATCH_MAX = 256
+
+_enabled_pid: int | None = None
+_local = threading.local()
+
+
+def enable() -> None:
+    """Defer SUCCESS writes in this process (not in processes forked later)."""
+    global _enabled_pid
+    _enabled_pid = os.getpid()
+
+
+def disable() -> None:
+    global _enabled_pid
+    _enabled_pid = None
+
+
+def enabled() -> bool:
+    return _enabled_pid is not None and _enabled_pid == os.getpid()
+
+
+def add_pending(future: Future) -> None:
+    pending = getattr(_local, "pending", None)
+    if pending is None:
+        pending = _local.pending = []
+    pending.append(future)
+
+
+def take() -> Future | None:
+    """The writes deferred by this thread's run so far, as one future (or None)."""
+    pending = getattr(_local, "pending", None)
+    if not pending:
+        return None
+    _local.pending = []
+    if len(pending) == 1:
+        return pending[0]
+    combined: Future = Future()
+    remaining = [len(pending)]
+    lock = threading.Lock()
+
+    def one_done(done: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        error = done.exception()
+        if error is not None and not combined.done():
+            combined.set_exception(error)
+        elif last and not combined.done():
+            combined.set_result(None)
+
+    for future in pending:
+        future.add_done_callback(one_done)
+    return combined
+
+
+class GroupWriter:
+    """One writer thread for one result store.
+
+    ``write_batch(items)`` writes a list of submitted items and returns one
+    exception-or-None per item; it runs on the writer thread only.
+    """
+
+    def __init__(self, write_batch: Callable[[list[Any]], list[BaseException | None]],
+                 name: str = "result-writer") -> None:
+        self._write_batch = write_batch
+        self._queue: queue.SimpleQueue[tuple[Any, Future]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, item: Any) -> Future:
+        future: Future = Future()
+        self._queue.put((item, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                errors = self._write_batch([item for item, _ in batch])
+            except BaseException as exc:  # the whole batch failed
+                logger.error("Could not store %d results: %r", len(batch), exc)
+                errors = [exc] * len(batch)
+            for (_, future), error in zip(batch, errors):
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)

@@ -1,0 +1,118 @@
+"""Group commit of SUCCESS writes (backends/group_commit.py): pure logic.
+
+The Redis write itself is exercised by every interop test that stores a
+result on solo, threads or gevent; here: which writes are pending for a run,
+how they combine, batching on the writer thread, and errors.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from celerycompat.backends import group_commit
+from celerycompat.execution.outcome import Outcome, State
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    group_commit.take()
+    yield
+    group_commit.disable()
+    group_commit.take()
+
+
+def test_enabled_only_in_the_process_that_enabled_it():
+    assert not group_commit.enabled()
+    group_commit.enable()
+    assert group_commit.enabled()
+    pid = os.fork()
+    if pid == 0:  # a prefork child forked afterwards writes synchronously
+        os._exit(0 if not group_commit.enabled() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_take_returns_this_threads_writes_once():
+    assert group_commit.take() is None
+    first: Future = Future()
+    group_commit.add_pending(first)
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(group_commit.take()))
+    thread.start()
+    thread.join()
+    assert other == [None]  # pending writes are per thread
+    assert group_commit.take() is first
+    assert group_commit.take() is None
+
+
+def test_several_writes_combine_into_one_future():
+    futures = [Future() for _ in range(3)]
+    for future in futures:
+        group_commit.add_pending(future)
+    combined = group_commit.take()
+    futures[0].set_result(None)
+    futures[2].set_result(None)
+    assert not combined.done()
+    futures[1].set_result(None)
+    assert combined.done() and combined.exception() is None
+
+
+def test_a_failed_write_fails_the_combined_future():
+    futures = [Future() for _ in range(2)]
+    for future in futures:
+        group_commit.add_pending(future)
+    combined = group_commit.take()
+    futures[0].set_exception(ConnectionError("down"))
+    assert isinstance(combined.exception(timeout=1), ConnectionError)
+    futures[1].set_result(None)  # a late success changes nothing
+
+
+def test_writer_batches_what_queued_up_and_reports_per_item():
+    batches: list[list] = []
+    gate = threading.Event()
+
+    def write_batch(items):
+        gate.wait(5)
+        batches.append(items)
+        return [ValueError(item) if item == "bad" else None for item in items]
+
+    writer = group_commit.GroupWriter(write_batch)
+    first = writer.submit("a")  # taken alone while the gate is closed
+    time.sleep(0.05)
+    rest = [writer.submit(item) for item in ("b", "bad", "c")]
+    gate.set()
+    for future in [first, *rest]:
+        future.exception(timeout=5)
+    assert batches == [["a"], ["b", "bad", "c"]]
+    assert [f.exception() is None for f in rest] == [True, False, True]
+
+
+def test_writer_survives_a_batch_that_raises():
+    calls = []
+
+    def write_batch(items):
+        calls.append(items)
+        if len(calls) == 1:
+            raise ConnectionError("backend down")
+        return [None] * len(items)
+
+    writer = group_commit.GroupWriter(write_batch)
+    assert isinstance(writer.submit(1).exception(timeout=5), ConnectionError)
+    assert writer.submit(2).exception(timeout=5) is None
+
+
+def test_outcome_after_write():
+    outcome = Outcome(State.SUCCESS, 42, runtime=0.1)
+    ok: Future = Future()
+    ok.set_result(None)
+    assert outcome.after_write(ok) is outcome
+    failed: Future = Future()
+    failed.set_exception(ConnectionError("down"))
+    lost = outcome.after_write(failed)
+    assert lost.state is State.INTERNAL_ERROR
+    assert isinstance(lost.retval, ConnectionError)
