@@ -7,11 +7,11 @@ Celery worker's. ``state`` is a `ControlState`, with the attributes
 (``app``, ``hostname``, ``consumer``) that custom commands registered with
 ``@inspect_command``/``@control_command`` read from Celery's own state.
 
-Commands that need machinery ccworker does not have yet (terminate, rate
-limits, pool resizing, adding consumers...) are not registered: a client
-asking for one gets Celery's answer to an unknown command,
-``{"error": "KeyError('<name>')"}``, rather than an ``ok`` for something
-that did not happen.
+Commands that need machinery ccworker does not have yet are not
+registered: a client asking for one gets Celery's answer to an unknown
+command, ``{"error": "KeyError('<name>')"}``, rather than an ``ok`` for
+something that did not happen. A handler that raises is answered
+``{"error": repr(exc)}`` by kombu's pidbox, as Celery's are.
 """
 
 from __future__ import annotations
@@ -20,15 +20,20 @@ import io
 import logging
 import os
 import resource
+import sys
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from celery.exceptions import WorkerShutdown
 from celery.platforms import EX_OK
 from celery.utils.serialization import jsonify
+from celery.utils.time import rate as celery_rate
 from kombu.utils.encoding import safe_repr
+
+from celerycompat.consumer.revoked_stamps import intersecting, parse_cli_headers
 
 logger = logging.getLogger("celery.worker.control")
 
@@ -150,26 +155,88 @@ def revoke(state: ControlState, task_id: Any, terminate: bool = False, signal: A
 
     As Celery 5.7, REVOKED is also written at once for every id this worker
     is not running whose stored state is not final or started elsewhere.
-    Terminating a *running* task is not supported yet: rather than answer
-    "ok", the reply is an error naming the tasks that keep running.
+    With ``terminate``, a running task is ended (`Consumer.terminate`:
+    prefork sends ``signal`` to its child; gevent and threads end the run,
+    which Celery's threads pool cannot) and REVOKED ``terminated`` announced;
+    a waiting one is discarded when a slot takes it. The reply names every
+    id found here, running or waiting, as Celery's does.
     """
+    from celery.platforms import signals as platform_signals
+
     ids = task_id if isinstance(task_id, (list, tuple, set)) else [task_id]
     task_ids = {str(i) for i in ids if i is not None}
     consumer = state.consumer
     consumer.revoked.update(task_ids)
     running = {request.id for request in consumer.active_requests()} & task_ids
-    _store_revoked(state, task_ids - running)
+    succeeded = consumer.results_in_flight() & task_ids
+    _store_revoked(state, task_ids - running - succeeded)
     if terminate:
-        if running:
-            return nok(f"terminate is not supported by ccworker yet: {', '.join(sorted(running))} "
-                       "keep running (the other ids are revoked)")
-        waiting = {request.id for request in consumer.reserved_requests()
-                   + consumer.scheduled_requests()} & task_ids
-        if not waiting:
+        signum = platform_signals.signum(signal or "SIGTERM")
+        terminated: list[str] = []
+        for request in _requests_by_id(consumer, task_ids):
+            if request.id in terminated:
+                continue
+            terminated.append(request.id)
+            logger.info("Terminating %s (%s)", request.id, signum)
+            if request.time_start is not None:
+                consumer.terminate(request, signum)
+        if not terminated:
             return ok("terminate: tasks unknown")
-        return ok(f"terminate: {', '.join(waiting)}")
+        return ok(f"terminate: {', '.join(terminated)}")
     logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
     return ok(f"tasks {task_ids} flagged as revoked")
+
+
+def _requests_by_id(consumer: Any, task_ids: set[str]) -> list[Any]:
+    """Requests known here for ``task_ids``: running, waiting for a slot or an ETA
+    (what Celery's ``worker_state.requests`` holds)."""
+    after_eta = [request for request in consumer.rate_limited_requests()
+                 if request.eta is not None]
+    return [request for request in [*consumer.active_requests(),
+                                    *consumer.reserved_requests(),
+                                    *consumer.scheduled_requests(), *after_eta]
+            if request.id in task_ids]
+
+
+@command("terminate")
+def terminate(state: ControlState, signal: Any, task_id: Any, **kwargs: Any) -> dict[str, str]:
+    """``celery control terminate SIGNAL ID...``: ``revoke`` with ``terminate``."""
+    return revoke(state, task_id, terminate=True, signal=signal)
+
+
+@command("revoke_by_stamped_headers")
+def revoke_by_stamped_headers(state: ControlState, headers: Any, terminate: bool = False,
+                              signal: Any = None, **kwargs: Any) -> dict[str, str]:
+    """Revoke every task carrying one of the given canvas stamp values (consumer/revoked_stamps.py).
+
+    ``headers`` is ``{name: value or values}`` (``app.control``) or
+    ``["name=value", ...]`` (the ``celery control`` CLI). Replies are
+    Celery's, texts included. As in Celery, nothing is written to the
+    result backend now: a matching task is discarded (REVOKED) when it
+    would start, and tasks already running are not looked at unless
+    ``terminate`` is set; then the running matches are terminated as by
+    ``revoke`` (`Consumer.terminate`), and the reply names the stamp
+    values that matched.
+    """
+    from celery.platforms import signals as platform_signals
+
+    signum = platform_signals.signum(signal or "SIGTERM")  # an unknown signal is an error reply
+    headers = parse_cli_headers(headers)
+    consumer = state.consumer
+    consumer.revoked_stamps.add(headers)
+    if not terminate:
+        return ok(f"headers {headers} flagged as revoked, but not terminated")
+    matched: defaultdict[str, set] = defaultdict(set)  # Celery's reply shows its repr
+    for request in consumer.active_requests():
+        found = intersecting(request.message.stamps, headers)
+        if not found:
+            continue
+        for name, values in found.items():
+            matched[name].update(values)
+        consumer.terminate(request, signum)
+    if not matched:
+        return ok(f"headers {headers} were not terminated")
+    return ok(f"headers {matched} revoked")
 
 
 def _store_revoked(state: ControlState, task_ids: set[str]) -> None:
@@ -203,9 +270,14 @@ def query_task(state: ControlState, ids: Any, **kwargs: Any) -> dict[str, Any]:
     wanted = set(ids if isinstance(ids, (list, tuple, set)) else [ids])
     found: dict[str, Any] = {}
     consumer = state.consumer
+    # Celery keeps a message that waited for its ETA registered as scheduled
+    # while it then waits for a rate-limit token; one without an ETA that
+    # waits for a token it does not find at all.
+    after_eta = [request for request in consumer.rate_limited_requests()
+                 if request.eta is not None]
     for where, requests in (("active", consumer.active_requests()),
                             ("reserved", consumer.reserved_requests()),
-                            ("scheduled", consumer.scheduled_requests())):
+                            ("scheduled", consumer.scheduled_requests() + after_eta)):
         for request in requests:
             if request.id in wanted and request.id not in found:
                 found[request.id] = [where, request.info()]
@@ -263,6 +335,35 @@ def time_limit(state: ControlState, task_name: Any = None, hard: Any = None, sof
     return ok("time limits set successfully")
 
 
+@command("rate_limit")
+def rate_limit(state: ControlState, task_name: Any, rate_limit: Any,
+               **kwargs: Any) -> dict[str, str]:
+    """Set a task type's ``rate_limit``; the consumer re-reads every type's limit.
+
+    Replies and log lines are Celery's, including its quirks: the rate is
+    validated by Celery's own parser, so an unknown unit (``"10/x"``) is not
+    a ValueError but a KeyError, which reaches the client as the generic
+    error reply; ``"0"`` is "set" (it means no limit), while ``""`` or
+    None is "disabled". Unlike Celery, messages already waiting for a token
+    follow the new rate (see `Consumer.reset_rate_limits`).
+    """
+    try:
+        celery_rate(rate_limit)
+    except ValueError as exc:
+        return nok(f"Invalid rate limit string: {exc!r}")
+    try:
+        state.app.tasks[task_name].rate_limit = rate_limit
+    except KeyError:
+        logger.error("Rate limit attempt for unknown task %s", task_name, exc_info=True)
+        return nok("unknown task")
+    state.consumer.reset_rate_limits()
+    if not rate_limit:
+        logger.info("Rate limits disabled for tasks of type %s", task_name)
+        return ok("rate limit disabled successfully")
+    logger.info("New rate limit for tasks of type %s: %s.", task_name, rate_limit)
+    return ok("new rate limit set successfully")
+
+
 # -- worker ---------------------------------------------------------------------------
 
 
@@ -270,12 +371,15 @@ def time_limit(state: ControlState, task_name: Any = None, hard: Any = None, sof
 def stats(state: ControlState, **kwargs: Any) -> dict[str, Any]:
     """Celery's ``stats`` layout (F10), with our pool's facts."""
     consumer = state.consumer
+    autoscaler = getattr(consumer, "autoscaler", None)
     return {
         "total": dict(consumer.total_count),
         "pid": os.getpid(),
         "clock": str(state.app.clock.value),
         "uptime": int(time.monotonic() - state.started),
         "pool": consumer.pool.info(),
+        # Only with --autoscale, after ``pool`` (Celery's Autoscaler step).
+        **({"autoscaler": autoscaler.info()} if autoscaler is not None else {}),
         "broker": consumer.broker_info(),
         "prefetch_count": consumer.prefetch_count,
         "rusage": rusage(),
@@ -298,6 +402,97 @@ def rusage() -> dict[str, Any]:
 def shutdown(state: ControlState, msg: str = "Got shutdown from remote", **kwargs: Any) -> None:
     logger.warning(msg)
     raise WorkerShutdown(EX_OK)
+
+
+# -- pool -----------------------------------------------------------------------------
+
+
+def _resize(pool: Any, how: str, n: Any) -> None:
+    """``pool.grow(n)``/``pool.shrink(n)``; a pool that cannot resize (solo) fails
+    with the AttributeError Celery's pools without the method raise."""
+    method = getattr(pool, how, None)
+    if method is None:
+        raise AttributeError(f"'TaskPool' object has no attribute '{how}'")
+    method(int(n))
+
+
+@command("pool_grow")
+def pool_grow(state: ControlState, n: Any = 1, **kwargs: Any) -> dict[str, str]:
+    """``n`` more slots (prefork: processes; threads: threads; gevent: greenlets).
+
+    Celery's threads pool cannot grow (an AttributeError reply); ours can.
+    """
+    consumer = state.consumer
+    if getattr(consumer, "autoscaler", None) is not None:
+        return nok("pool_grow is not supported with autoscale. Adjust autoscale range instead.")
+    _resize(consumer.pool, "grow", n)
+    consumer.pool_resized()
+    return ok("pool will grow")
+
+
+@command("pool_shrink")
+def pool_shrink(state: ControlState, n: Any = 1, **kwargs: Any) -> dict[str, str]:
+    """``n`` fewer slots; prefork stops idle processes only (billiard's ValueError
+    when too few are idle, after stopping those that are)."""
+    consumer = state.consumer
+    if getattr(consumer, "autoscaler", None) is not None:
+        return nok("pool_shrink is not supported with autoscale. "
+                   "Adjust autoscale range instead.")
+    try:
+        _resize(consumer.pool, "shrink", n)
+    finally:
+        # A prefork pool stops the idle processes it can even when it then
+        # says not enough were idle: the prefetch count follows either way.
+        consumer.pool_resized()
+    return ok("pool will shrink")
+
+
+@command("pool_restart")
+def pool_restart(state: ControlState, modules: Any = None, reload: bool = False,
+                 reloader: Any = None, **kwargs: Any) -> dict[str, str]:
+    """``worker_pool_restarts`` only: (re)import task modules, then new pool processes.
+
+    As Celery's ``WorkController.reload``: each of ``modules`` (default: the
+    app's task modules) not imported yet is imported; with ``reload``, those
+    imported already are reloaded (``reloader(module)``, default
+    ``importlib.reload``). Rate limits are read again, and a prefork pool's
+    children are replaced, once idle, by forks of this process, which has
+    the new code. Other pools run tasks in this process: the imports are all.
+    """
+    if not state.app.conf.worker_pool_restarts:
+        raise ValueError("Pool restarts not enabled")
+    from celery.utils.imports import reload_from_cwd
+
+    loader = state.app.loader
+    names = loader.task_modules if modules is None else (modules or ())
+    for name in set(names):
+        if name not in sys.modules:
+            logger.debug("importing module %s", name)
+            loader.import_from_cwd(name)
+        elif reload:
+            logger.debug("reloading module %s", name)
+            reload_from_cwd(sys.modules[name], reloader)
+    consumer = state.consumer
+    consumer.reset_rate_limits()
+    try:
+        consumer.pool.restart()
+    except NotImplementedError:
+        pass
+    return ok("reload started")
+
+
+@command("autoscale")
+def autoscale(state: ControlState, max: Any = None, min: Any = None) -> dict[str, str]:
+    """New autoscale bounds (``celery control autoscale MAX [MIN]``).
+
+    No ``**kwargs``: Celery's handler takes none either, so an unknown
+    argument is a TypeError reply on both.
+    """
+    autoscaler = getattr(state.consumer, "autoscaler", None)
+    if autoscaler is None:
+        raise ValueError("Autoscale not enabled")
+    max_, min_ = autoscaler.update(max, min)
+    return ok(f"autoscale now max={max_} min={min_}")
 
 
 # -- events ---------------------------------------------------------------------------
@@ -375,5 +570,12 @@ def objgraph(state: ControlState, num: int = 200, max_depth: int = 10,
 @command("election")
 def election(state: ControlState, id: Any = None, topic: Any = None, action: Any = None,
              **kwargs: Any) -> None:
-    """Elections need gossip, which ccworker does not run yet: take part in none."""
+    """Start an election among the gossiping nodes (control/gossip.py).
+
+    Without gossip Celery 5.7 replies with an AttributeError from its idle
+    gossip step; ccworker takes part in nothing and replies ``null``.
+    """
+    gossip = getattr(state.consumer, "gossip", None)
+    if gossip is not None and gossip._channel is not None:
+        gossip.election(id, topic, action)
     return None

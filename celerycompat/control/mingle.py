@@ -42,13 +42,34 @@ class Mingle:
 
     def _ask(self, ours: list[str]) -> None:
         try:
-            replies = self.app.control.inspect(timeout=self.timeout).hello(
-                self.hostname, ours) or {}
+            peers = self._peer_count()
+            if peers == 0:
+                replies = {}
+            else:
+                replies = self.app.control.inspect(timeout=self.timeout, limit=peers).hello(
+                    self.hostname, ours) or {}
         except Exception as exc:
             logger.warning("mingle: could not reach the other workers: %r", exc)
             replies = {}
         replies.pop(self.hostname, None)
         self._replies = replies
+
+    def _peer_count(self) -> int | None:
+        """How many other nodes listen on the pidbox exchange, or None if unknown.
+
+        Celery waits the whole reply timeout (1 s) because a broadcast cannot
+        know how many will answer. On Redis the exchange's binding table lists
+        every node's mailbox queue (kombu sweeps those of dead nodes once their
+        queue expires), so the wait can end with the last expected reply, or
+        not start at all when this node is alone. Other transports: unknown.
+        """
+        mailbox = self.app.control.mailbox
+        own_queue = f"{self.hostname}.{mailbox.namespace}.pidbox"
+        with self.app.connection_for_write() as connection:
+            if connection.transport.driver_type != "redis":
+                return None
+            table = connection.default_channel.get_table(mailbox.exchange.name)
+        return len({queue for _, _, queue in table if queue != own_queue})
 
     def poll(self) -> None:
         """On the consumer thread: merge the replies once they have arrived."""

@@ -74,7 +74,9 @@ class EventDispatcher:
         self._next_connect = now + RECONNECT_INTERVAL
         try:
             connection = self.app.connection_for_write()
-            connection.ensure_connection(max_retries=1)
+            # One attempt, no sleep: this runs on the consumer thread, and
+            # kombu's max_retries=1 means a second attempt after 2 s asleep.
+            connection.ensure_connection(max_retries=0)
             self._exchange = event_exchange(connection, self.app.conf.event_exchange)
             self._producer = Producer(connection.default_channel, exchange=self._exchange,
                                       serializer=self.serializer, auto_declare=False)

@@ -69,6 +69,11 @@ class TaskEvents:
             self.dispatcher.send("task-revoked", uuid=request.message.id,
                                  terminated=terminated, signum=signum, expired=expired)
 
+    def cancelled(self, request: Any) -> None:
+        """Celery's ``Request._announce_cancelled``: the event has only the id."""
+        if self._on(request):
+            self.dispatcher.send("task-cancelled", uuid=request.message.id)
+
     def unknown(self, task_id: Any, name: str) -> None:
         """A25: only ``uuid`` and ``exception``."""
         if self.dispatcher.wants("task"):
