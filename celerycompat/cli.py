@@ -8,6 +8,11 @@ working with the program name replaced: ``ccworker -A proj worker -l INFO``
 (the literal ``worker`` is ignored), ``ccworker -l INFO -A proj``, trailing
 ``key=value`` settings (``-- worker.prefetch_multiplier=1``).
 
+One sub-command of ccworker's own: ``ccworker check -A proj [worker options]``
+(the word anywhere a ``worker`` word may stand) loads the project as the
+worker would and reports what ccworker would not do as Celery does
+(:mod:`celerycompat.check`), instead of starting a worker.
+
 Why two parsing passes: the app may declare its own click options
 (``app.user_options['preload']`` and ``['worker']``) which can only be known
 after ``-A`` is imported. Celery gets this for free because its group
@@ -28,6 +33,7 @@ them: global options read ``APP``/``CELERY_APP``, ``BROKER_URL``/
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -37,11 +43,14 @@ from typing import Any, Callable, Optional, Sequence
 import click
 from click.core import ParameterSource
 
-from celerycompat import __version__, apploader, logsetup
+from celerycompat import __version__, apploader, beat, logsetup
 from celerycompat import options as opts
 from celerycompat.nodenames import expand_nodename
 
 PROG = "ccworker"
+#: Leading words accepted where ``celery`` has its sub-command: ``worker``
+#: (ignored: it is what ccworker runs) and ccworker's own ``check``.
+COMMANDS = ("worker", "check")
 WORKER_ENV_PREFIX = "CELERY_WORKER"
 LOG_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40,
               "CRITICAL": 50, "FATAL": 50}
@@ -104,6 +113,19 @@ class Nodename(click.ParamType):
         except ValueError as exc:
             self.fail(str(exc).strip(), param, ctx)
         return value
+
+
+def _check_beat(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """``-B``: refused on Windows while parsing, with Celery's message
+    (``celery/bin/worker.py``, ``CeleryBeat``); the green-pool refusal comes
+    later, from :mod:`celerycompat.beat`, where Celery's comes."""
+    from celery.platforms import IS_WINDOWS
+
+    if value and IS_WINDOWS:
+        raise click.BadParameter("-B option does not work on Windows.  "
+                                 "Please run celery beat as a separate service.",
+                                 ctx=ctx, param=param)
+    return value
 
 
 def _check_concurrency(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -181,7 +203,7 @@ def worker_params() -> list[click.Parameter]:
           callback=_check_concurrency,
           help="Number of pool slots; default: number of CPUs; or 'auto'."),
         o(["-P", "--pool"], default="prefork", type=click.Choice(opts.pool_choices()),
-          help="Pool implementation (solo and threads run natively; others run on threads)."),
+          help="Pool implementation (eventlet and custom run on threads)."),
         o(["-E", "--task-events", "--events"], is_flag=True, default=None,
           help="Send task-related events."),
         o(["--time-limit"], type=float, help="Hard time limit (seconds) for tasks."),
@@ -201,9 +223,13 @@ def worker_params() -> list[click.Parameter]:
         o(["--without-heartbeat"], is_flag=True),
         o(["--heartbeat-interval"], type=int),
         o(["--autoscale"], type=Autoscale()),
-        o(["-B", "--beat"], is_flag=True, default=None),
-        o(["-s", "--schedule-filename", "--schedule"]),
-        o(["--scheduler"]),
+        o(["-B", "--beat"], is_flag=True, default=None, callback=_check_beat,
+          help="Also run the celery beat periodic task scheduler (as a child process)."),
+        o(["-s", "--schedule-filename", "--schedule"],
+          help="Path to the schedule database of the embedded beat "
+               "(default: beat_schedule_filename)."),
+        o(["--scheduler"], help="Scheduler class of the embedded beat "
+                                "(default: beat_scheduler)."),
         o(["--logfile", "-f"], help="Log destination; defaults to stderr"),
         o(["--pidfile"], help="PID file path; defaults to no PID file"),
         o(["--uid"], help="Drops privileges to this user ID"),
@@ -213,8 +239,48 @@ def worker_params() -> list[click.Parameter]:
     ]
 
 
+def _own(*decls: str, envvar: str, **kw: Any) -> click.Option:
+    """A ccworker-only option: its ``CCWORKER_*`` variable, not ``CELERY_WORKER_<NAME>``."""
+    option = click.Option(decls, envvar=envvar, show_envvar=True, **kw)
+    option.allow_from_autoenv = False
+    return option
+
+
+def ccworker_params() -> list[click.Parameter]:
+    """ccworker's own options (no ``celery worker`` counterpart; docs/operations.md)."""
+    return [
+        _own("--metrics-port", envvar="CCWORKER_METRICS_PORT", type=click.IntRange(0, 65535),
+             help="ccworker only: serve Prometheus metrics (/metrics) and health probes "
+                  "(/healthz, /readyz) on this port; 0 picks a free port. Off by default."),
+        _own("--metrics-host", envvar="CCWORKER_METRICS_HOST", default="127.0.0.1",
+             show_default=True,
+             help="ccworker only: address the metrics endpoint binds to; 0.0.0.0 to serve "
+                  "other hosts (in a container, for probes through the pod IP)."),
+        _own("--health-stall-timeout", envvar="CCWORKER_HEALTH_STALL_TIMEOUT", default=60.0,
+             show_default=True, type=click.FloatRange(min=0, min_open=True),
+             help="ccworker only: /healthz fails when the consumer loop has not turned for "
+                  "this many seconds (not counting reconnection or a task running inline "
+                  "under -P solo)."),
+        _own("--log-format", envvar="CCWORKER_LOG_FORMAT", default="text", show_default=True,
+             type=click.Choice(("text", "json")),
+             help="ccworker only: text (Celery's log format) or json (one JSON object "
+                  "per line)."),
+    ]
+
+
+OWN_NAMES = ("metrics_port", "metrics_host", "health_stall_timeout", "log_format")
+
+
+def _shadowed(own: click.Parameter, extra: Sequence[click.Parameter]) -> bool:
+    """The app declares an option of the same name or flag: the app's wins."""
+    return any(p.name == own.name or set(p.opts) & set(own.opts) for p in extra)
+
+
 def build_command(extra: Sequence[click.Parameter] = (), lenient: bool = False) -> click.Command:
     """The ``ccworker`` click command; ``extra`` are the app's own options.
+
+    ccworker's own options are left out where the app declares one with the
+    same name or flag, so a project's own ``--metrics-port`` keeps working.
 
     ``lenient`` is pass 1: unknown options are let through (they may be the
     app's) and ``--help`` waits for pass 2, which knows all options.
@@ -224,12 +290,16 @@ def build_command(extra: Sequence[click.Parameter] = (), lenient: bool = False) 
         settings["ignore_unknown_options"] = True
     return click.Command(
         PROG,
-        params=[*global_params(), *worker_params(), *extra],
+        params=[*global_params(), *worker_params(),
+                *[p for p in ccworker_params() if not _shadowed(p, extra)], *extra],
         context_settings=settings,
         add_help_option=not lenient,
-        options_metavar="[OPTIONS] [worker] [-- KEY=VALUE ...]",
+        options_metavar="[OPTIONS] [worker|check] [-- KEY=VALUE ...]",
         help="Start a ccworker (same options as `celery worker`).\n\n"
-             "\b\n  ccworker -A proj -l INFO\n  ccworker -A proj worker -l INFO -Q hipri,lopri",
+             "\b\n  ccworker -A proj -l INFO\n  ccworker -A proj worker -l INFO -Q hipri,lopri"
+             "\n\n`ccworker check -A proj [options]` loads the project as the worker would "
+             "and reports what ccworker would not do as `celery worker` does; exit status "
+             "0 (nothing), 1 (something differs), 2 (the project cannot be loaded).",
     )
 
 
@@ -250,12 +320,16 @@ class CommandLine:
     preload_names: frozenset[str]
     user_option_names: frozenset[str]
     ctx: click.Context
+    own_names: frozenset[str] = frozenset(OWN_NAMES)
+    """ccworker's own options in effect (not shadowed by the app's)."""
+    command: str = "worker"
+    """``worker`` (start one) or ``check`` (report, see :mod:`celerycompat.check`)."""
 
     @property
     def worker_params(self) -> dict[str, Any]:
         """What Celery's ``worker`` callback gets: worker and user options,
         plus the global ``-C``/``-q`` it forwards."""
-        drop = set(GLOBAL_NAMES) - {"no_color", "quiet"}
+        drop = (set(GLOBAL_NAMES) - {"no_color", "quiet"}) | self.own_names
         return {k: v for k, v in self.params.items() if k not in drop}
 
 
@@ -331,13 +405,17 @@ def parse_command_line(argv: Sequence[str]) -> CommandLine:
         if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
                                               ParameterSource.ENVIRONMENT))
     config_args = list(ctx.args)
-    if config_args and config_args[0] == "worker":
-        config_args.pop(0)
+    command = "worker"
+    if config_args and config_args[0] in COMMANDS:
+        command = config_args.pop(0)
     return CommandLine(
         app=app, params=dict(ctx.params), explicit=explicit, config_args=config_args,
         preload_names=frozenset(p.name for p in preload if p.name),
         user_option_names=frozenset(p.name for p in [*preload, *worker_extra] if p.name),
         ctx=ctx,
+        own_names=frozenset(p.name for p in ccworker_params()
+                            if p.name and not _shadowed(p, [*preload, *worker_extra])),
+        command=command,
     )
 
 
@@ -371,7 +449,11 @@ def build_worker_options(argv: Sequence[str], boot: bool = False) -> opts.Worker
     setup, autodiscovery), app finalized, ``celeryd_init`` before and
     ``worker_init`` after option resolution (see :mod:`celerycompat.apploader`).
     """
-    cl = parse_command_line(argv)
+    return options_from_command_line(parse_command_line(argv), boot)
+
+
+def options_from_command_line(cl: CommandLine, boot: bool = False) -> opts.WorkerOptions:
+    """:func:`build_worker_options` for an already parsed command line."""
     app = cl.app
     args = opts.worker_arguments(app, cl.worker_params)
     _send_preload(cl)
@@ -387,6 +469,7 @@ def build_worker_options(argv: Sequence[str], boot: bool = False) -> opts.Worker
         options = opts.resolve_worker_options(app, args, cl.explicit, cl.user_option_names)
     except ValueError as exc:
         raise click.UsageError(str(exc), ctx=cl.ctx) from exc
+    _set_own_options(options, cl)
     if boot:
         from celery.exceptions import ImproperlyConfigured
 
@@ -399,6 +482,25 @@ def build_worker_options(argv: Sequence[str], boot: bool = False) -> opts.Worker
             raise click.UsageError(str(exc), ctx=cl.ctx) from exc
         apploader.init_worker_side(options, instance)
     return options
+
+
+def _set_own_options(options: opts.WorkerOptions, cl: CommandLine) -> None:
+    """ccworker's own options into ``options.observability``; one warning line
+    per own option the app's options shadow."""
+    from celerycompat.observability.settings import ObservabilitySettings
+
+    own = {name: cl.params[name] for name in cl.own_names if name in cl.params}
+    defaults = ObservabilitySettings()
+    options.observability = ObservabilitySettings(
+        metrics_port=own.get("metrics_port"),
+        metrics_host=own.get("metrics_host") or defaults.metrics_host,
+        stall_timeout=float(own.get("health_stall_timeout") or defaults.stall_timeout),
+        log_format=own.get("log_format") or defaults.log_format,
+    )
+    for name in sorted(set(OWN_NAMES) - cl.own_names):
+        flag = "--" + name.replace("_", "-")
+        options.unsupported.append(f"ccworker: the app declares its own {flag} option; "
+                                   f"ccworker's {flag} is not available")
 
 
 def parse_worker_options(argv: Sequence[str]) -> opts.WorkerOptions:
@@ -421,9 +523,11 @@ def _default_runner(options: opts.WorkerOptions) -> int:
 
 
 def run(argv: Sequence[str], runner: Optional[Runner] = None) -> int:
-    """Start a worker from ``argv``; returns the exit code.
+    """Start a worker from ``argv`` (or, with ``check``, report on the project);
+    returns the exit code.
 
-    Order after booting (as Celery's ``Worker`` does it): logging through
+    ``-B`` next to a green pool is refused after booting (exit 1), where
+    Celery refuses it. Order after booting (as Celery's ``Worker`` does it): logging through
     ``app.log`` (nodename-formatted logfile, ``setup_logging`` signals), one
     warning per ignored flag, the pidfile (refuses to start while its pid is
     alive, removed at exit), stdout/stderr redirected to the log
@@ -432,14 +536,38 @@ def run(argv: Sequence[str], runner: Optional[Runner] = None) -> int:
     """
     from celery.platforms import create_pidlock
 
-    options = build_worker_options(argv, boot=True)
+    from celerycompat.execution import tracer
+
+    # Before the project is imported: instrumentation it installs (Sentry's
+    # Celery integration) must wrap ccworker's tracer factory.
+    tracer.install()
+    cl = parse_command_line(argv)
+    if cl.command == "check":
+        from celerycompat import check
+
+        return check.run(cl)
+    options = options_from_command_line(cl, boot=True)
+    refused = beat.refusal(options)
+    if refused:
+        # Where Celery refuses it (its Beat bootstep, after worker_init), and
+        # with the last line of Celery's traceback.
+        click.echo(f"celery.exceptions.ImproperlyConfigured: {refused}", err=True)
+        return 1
     custom_logging = logsetup.setup_logging(options)
     logsetup.warn_unsupported(options.unsupported)
     pidlock = create_pidlock(options.pidfile) if options.pidfile else None
     try:
         logsetup.redirect_stdouts(options, custom_logging)
         return int((runner or _default_runner)(options) or 0)
+    except Exception as exc:
+        # Celery's worker logs this one line (with the traceback) and exits 1.
+        # Left to the interpreter, the traceback would go through the
+        # redirected stderr one fragment per log record.
+        logging.getLogger("celery.worker.worker").critical(
+            "Unrecoverable error: %r", exc, exc_info=True)
+        return 1
     finally:
+        logsetup.restore_stdouts()
         if pidlock is not None:
             pidlock.release()
 

@@ -31,13 +31,22 @@ def setup_logging(options: Any) -> bool:
     file template is passed unexpanded together with the nodename, because
     ``app.log`` expands ``%n``/``%i``/... itself.
     """
+    json_lines = getattr(getattr(options, "observability", None), "log_format", "") == "json"
+    if json_lines:
+        # Receivers of Celery's after_setup_* signals swap the formatters.
+        from celerycompat.observability import jsonlog
+
+        jsonlog.install(options.nodename)
     handled = options.app.log.setup(
         loglevel=options.loglevel,
         logfile=options.logfile,
         redirect_stdouts=False,
-        colorize=colorize_for(options.no_color),
+        colorize=False if json_lines else colorize_for(options.no_color),
         hostname=options.nodename,
     )
+    if handled and json_lines:
+        logger.warning("ccworker: --log-format json has no effect: the project "
+                       "configures logging itself (a setup_logging receiver)")
     return bool(handled)
 
 
@@ -52,6 +61,14 @@ def redirect_stdouts(options: Any, custom_logging: bool) -> None:
     if custom_logging or not conf.worker_redirect_stdouts:
         return
     options.app.log.redirect_stdouts(conf.worker_redirect_stdouts_level)
+
+
+def restore_stdouts() -> None:
+    """Undo `redirect_stdouts` once the worker is over (whatever comes after
+    it is not task output)."""
+    import sys
+
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
 
 def warn_unsupported(lines: list[str]) -> None:

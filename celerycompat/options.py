@@ -44,11 +44,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from celerycompat.concurrency_patch import gevent_patched
 from celerycompat.nodenames import expand_nodename, node_format
+from celerycompat.observability.settings import ObservabilitySettings
 
 #: Pools ccworker implements today; anything else runs on FALLBACK_POOL.
-#: ``processes`` is Celery's other name for ``prefork``.
-SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads")
+#: ``processes`` is Celery's other name for ``prefork``. ``gevent`` needs the
+#: process monkey-patched first (`celerycompat.concurrency_patch`).
+SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads", "gevent")
 FALLBACK_POOL = "threads"
 
 #: ``-P`` values Celery 5.7 knows, in the order ``celery worker --help`` lists.
@@ -193,7 +196,7 @@ class WorkerOptions:
     nodename: str
     """``name@host`` after defaulting and ``%h/%n/%d`` expansion."""
     pool: str
-    """The pool ccworker runs: ``prefork``, ``solo`` or ``threads``."""
+    """The pool ccworker runs: ``prefork``, ``solo``, ``threads`` or ``gevent``."""
     requested_pool: str
     """The pool Celery would have run (alias or ``module:Class``)."""
     concurrency: int
@@ -244,6 +247,9 @@ class WorkerOptions:
     as Celery selects them; empty until the app is booted."""
     celery_kwargs: dict[str, Any] = field(default_factory=dict, repr=False)
     """The stage-1 keywords (what Celery passes to ``app.Worker``)."""
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    """ccworker's own flags (``--metrics-port``, ``--log-format``...), set by the
+    command line apart from the stage-1 keywords: Celery has no such flags."""
 
     @property
     def logfile_path(self) -> Optional[str]:
@@ -307,6 +313,8 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
     either = app.either
     requested = str(args.get("pool") or "prefork")
     pool = requested if requested in SUPPORTED_POOLS else FALLBACK_POOL
+    if pool == "gevent" and not gevent_patched():
+        pool = FALLBACK_POOL  # e.g. worker_pool = "gevent": seen too late to patch
     if pool == "processes":
         pool = "prefork"
     start_method = either("worker_pool_start_method", args.get("pool_start_method"))
@@ -383,19 +391,22 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
     if options.requested_pool not in SUPPORTED_POOLS:
         lines.append(f"ccworker: pool {options.requested_pool!r} is not supported yet; "
                      f"using {options.pool!r} instead")
+    elif options.requested_pool == "gevent" and options.pool != "gevent":
+        lines.append("ccworker: the gevent pool needs -P gevent on the command line "
+                     "(or CELERY_WORKER_POOL=gevent), so the process is monkey-patched "
+                     f"before the app is imported; using {options.pool!r} instead")
     if options.detach:
         lines.append("ccworker: -D/--detach is accepted but not supported yet; "
                      "running in the foreground")
+    if options.autoscale is not None and options.pool == "solo":
+        # Celery's solo pool cannot grow either (its autoscaler fails when it tries).
+        lines.append("ccworker: --autoscale is ignored by the solo pool, which runs one "
+                     "task at a time")
     checks = [
-        (options.beat, "-B/--beat"),
-        ("schedule_filename" in explicit, "-s/--schedule-filename"),
-        ("scheduler" in explicit, "--scheduler"),
-        (options.autoscale is not None, "--autoscale"),
         # Only the prefork pool recycles children; Celery's other pools
         # ignore these silently too.
         (options.pool_start_method == "spawn",
          "--pool-start-method spawn (worker_pool_start_method)"),
-        (bool(options.statedb), "-S/--statedb (worker_state_db)"),
         (options.umask is not None, "--umask"),
         (options.executable is not None, "--executable"),
     ]

@@ -7,7 +7,8 @@ Start-up follows ``celery worker``'s order where a project can observe it:
 for solo), then connect, consume, ``worker_ready`` and the ``<nodename>
 ready.`` log line. Shutdown is Celery's (wire contract G8): SIGTERM and a
 first SIGINT are warm (stop consuming, finish running tasks, exit 0 / 1), a
-second SIGINT or SIGQUIT is cold.
+second SIGINT or SIGQUIT is cold. With ``worker_soft_shutdown_timeout`` a cold
+shutdown is soft first: running tasks get that many seconds to finish.
 """
 
 from __future__ import annotations
@@ -21,14 +22,20 @@ from typing import Any
 
 from celery import signals
 
-from celerycompat.backends import result_store_for
+from celerycompat.backends import group_commit, result_store_for
+from celerycompat.beat import EmbeddedBeat, start_embedded_beat
+from celerycompat.consumer.autoscale import Autoscaler
 from celerycompat.consumer.consumer import Consumer
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.queues import select_queues
+from celerycompat.consumer.redis_broker import RedisBroker, native_path_eligible
+from celerycompat.consumer.statedb import StateDB
 from celerycompat.control.commands import ControlState
+from celerycompat.control.gossip import Gossip
 from celerycompat.control.mailbox import ControlMailbox
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
+from celerycompat.observability.service import Observability, observability_for
 from celerycompat.pools.prefork import PreforkPool
 from celerycompat.pools.solo import SoloPool
 from celerycompat.pools.threads import ThreadPool
@@ -36,13 +43,48 @@ from celerycompat.protocol import codecs
 from celerycompat.protocol import message as wire
 
 logger = logging.getLogger("celery.apps.worker")
+shutdown_logger = logging.getLogger("celery.worker.worker")
 
 EX_OK = 0
 EX_FAILURE = 1
 
 
-def make_decoder(accept: Any) -> wire.Decoder:
-    """The consumer's body decoder: ``accept_content`` enforced, kombu's errors mapped."""
+#: ``CCWORKER_MAX_MESSAGE_BYTES`` (or ``ccworker_max_message_bytes`` in the
+#: app's configuration) when neither is set: a task body over 64 MiB is
+#: rejected before it is decoded. 0 turns the limit off.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def max_message_bytes(conf: Any, environ: Any = os.environ) -> int | None:
+    """The body size limit: the environment, else the app's configuration, else 64 MiB.
+
+    A value that is not a whole number of bytes stops the start with a
+    clear error rather than running without the protection it asked for.
+    """
+    raw = environ.get("CCWORKER_MAX_MESSAGE_BYTES")
+    where = "CCWORKER_MAX_MESSAGE_BYTES"
+    if raw is None or str(raw).strip() == "":
+        raw = conf.get("ccworker_max_message_bytes")
+        where = "ccworker_max_message_bytes"
+    if raw is None:
+        return DEFAULT_MAX_MESSAGE_BYTES
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ValueError(f"{where}={raw!r}: expected a number of bytes (0: no limit)") from None
+    if value < 0:
+        raise ValueError(f"{where}={raw!r}: expected a number of bytes (0: no limit)")
+    return value or None
+
+
+def make_decoder(accept: Any, max_bytes: int | None = None) -> wire.Decoder:
+    """The consumer's body decoder: ``accept_content`` enforced, kombu's errors mapped.
+
+    Bodies over ``max_bytes`` are refused undecoded (`wire.limit_body_size`).
+    Whatever else a codec raises on hostile bytes (kombu lets some errors
+    through unwrapped, e.g. a ``content_encoding`` that is not a string)
+    is an undecodable body: logged and acked, never a dead worker.
+    """
     accepted = codecs.prepare_accept(accept)
 
     def decode(body: bytes, content_type: str | None, content_encoding: str | None) -> Any:
@@ -52,23 +94,45 @@ def make_decoder(accept: Any) -> wire.Decoder:
             raise
         except codecs.DecodeError as exc:
             raise wire.BodyUndecodable(exc) from exc
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            raise wire.BodyUndecodable(codecs.DecodeError(exc)) from exc
 
-    return decode
+    return wire.limit_body_size(decode, max_bytes)
+
+
+def autoscale_bounds(options: Any) -> tuple[int, int] | None:
+    """``--autoscale``'s ``(max, min)``; None without it, or on solo, which
+    cannot resize (options.py warns about it)."""
+    if options.autoscale is None or options.pool == "solo":
+        return None
+    high, low = options.autoscale
+    return int(high), int(low)
 
 
 def make_pool(options: Any, runner: TaskRunner) -> Any:
+    # With --autoscale the pool starts with the minimum, as Celery's does.
+    bounds = autoscale_bounds(options)
+    concurrency = bounds[1] if bounds is not None else options.concurrency
     if options.pool == "solo":
-        return SoloPool(runner, options.nodename)
+        return SoloPool(runner, options.nodename, time_limit=options.time_limit,
+                        soft_time_limit=options.soft_time_limit)
     if options.pool == "prefork":
         return PreforkPool(
-            runner, options.concurrency, hostname=options.nodename,
+            runner, concurrency, hostname=options.nodename,
             max_tasks_per_child=options.max_tasks_per_child,
             max_memory_per_child=options.max_memory_per_child,
             time_limit=options.time_limit, soft_time_limit=options.soft_time_limit,
             loglevel=options.loglevel, logfile=options.logfile,
             proc_alive_timeout=options.app.conf.worker_proc_alive_timeout,
         )
-    return ThreadPool(runner, options.concurrency)
+    if options.pool == "gevent":
+        # Imported only here: gevent is used only if the process was patched.
+        from celerycompat.pools.gevent_pool import GeventPool
+
+        return GeventPool(runner, concurrency, time_limit=options.time_limit,
+                          soft_time_limit=options.soft_time_limit)
+    return ThreadPool(runner, concurrency, time_limit=options.time_limit,
+                      soft_time_limit=options.soft_time_limit)
 
 
 class Worker:
@@ -81,13 +145,25 @@ class Worker:
         self.exitcode = EX_OK
         self._shutdown_requests = 0
         self._cold = False
+        #: ``worker_soft_shutdown_timeout``: when the soft window of a cold
+        #: shutdown ends (monotonic); None outside one.
+        self._soft_deadline: float | None = None
         self.consumer: Consumer | None = None
         self.pool: Any = None
+        self.statedb: StateDB | None = None
+        self.observability: Observability | None = None
+        self.beat: EmbeddedBeat | None = None
 
     # -- start -------------------------------------------------------------------
 
     def setup(self) -> None:
         app, options = self.app, self.options
+        try:
+            max_bytes = max_message_bytes(app.conf)
+        except ValueError as exc:
+            logger.critical("%s", exc)
+            raise SystemExit(EX_FAILURE) from exc
+        self._start_observability()
         queues = options.consume_queues or select_queues(
             app, options.queues, options.exclude_queues, self.nodename)
         signals.celeryd_after_setup.send(sender=self.nodename, instance=self, conf=app.conf)
@@ -95,6 +171,10 @@ class Worker:
         runner = TaskRunner(app, RunSettings(
             hostname=self.nodename, loglevel=options.loglevel,
             logfile=getattr(options, "logfile_path", options.logfile)), result_store_for)
+        if options.pool in ("solo", "threads", "gevent"):
+            # Tasks run in this process: SUCCESS writes may be grouped
+            # (backends/group_commit.py). Prefork children write their own.
+            group_commit.enable()
         self.pool = make_pool(options, runner)
         self.pool.start()
         self.consumer = Consumer(
@@ -103,21 +183,107 @@ class Worker:
             pool=self.pool,
             store=store,
             queues=queues,
-            decode=make_decoder(app.conf.accept_content),
+            decode=make_decoder(app.conf.accept_content, max_bytes),
             hostname=self.nodename,
             prefetch_multiplier=options.prefetch_multiplier,
+            disable_prefetch=options.disable_prefetch,
             purge=options.purge,
             dispatcher=self._event_dispatcher(),
             heartbeat_interval=None if options.without_heartbeat else options.heartbeat_interval,
             control=self._control_mailbox,
             mingle=not options.without_mingle,
+            metrics=self.observability.metrics if self.observability is not None else None,
         )
+        if self.observability is not None:
+            self.observability.watch(self.consumer)
+        if not options.without_gossip and self.consumer.dispatcher is not None:
+            self.consumer.gossip = Gossip(app, self.nodename, os.getpid(),
+                                          self.consumer.dispatcher)
+        self._start_autoscaler(self.consumer)
+        if options.statedb:
+            # Before the consumer connects: mingle's hello carries the loaded ids.
+            # An unreadable file stops the start (exit 1), as in Celery.
+            statedb = StateDB(options.statedb, self.consumer.revoked, app.clock)
+            try:
+                statedb.load()
+            except Exception as exc:
+                logger.critical("Cannot load the state database %s: %r", options.statedb, exc,
+                                exc_info=True)
+                statedb.close()
+                self.pool.stop(wait=False)
+                raise SystemExit(EX_FAILURE) from exc
+            self.statedb = statedb
+        # -B: Celery's beat in a child process, after the pool and before the
+        # consumer (the Beat bootstep's place) and our signal handlers (beat.py).
+        self.beat = start_embedded_beat(options)
+
+    def _start_observability(self) -> None:
+        """``--metrics-port``: serve metrics and probes before anything else starts,
+        so a port that is taken stops the worker at once, with one clear line."""
+        observability = observability_for(self.options)
+        if observability is None:
+            return
+        settings = observability.settings
+        try:
+            observability.start()
+        except OSError as exc:
+            logger.critical("Cannot serve metrics on %s:%s: %s", settings.metrics_host,
+                            settings.metrics_port, exc)
+            raise SystemExit(EX_FAILURE) from exc
+        self.observability = observability
+
+    def _start_autoscaler(self, consumer: Consumer) -> None:
+        """``--autoscale max,min`` (consumer/autoscale.py): ticked by the consumer
+        loop; the prefetch count follows ``max``, as Celery's."""
+        bounds = autoscale_bounds(self.options)
+        if bounds is None:
+            return
+        high, low = bounds
+
+        def on_max_changed(new_max: int) -> None:
+            consumer.prefetch_slots = max(new_max, 1)
+            consumer.pool_resized()
+
+        consumer.prefetch_slots = max(high, 1)
+        consumer.autoscaler = Autoscaler(
+            self.pool, high, low, on_max_changed=on_max_changed,
+            qty=lambda: len(consumer.reserved) + len(consumer.active))
 
     def _broker(self) -> KombuBroker:
-        """A fresh broker connection, with the AMQP heartbeat Celery's consumer asks for."""
+        """A fresh broker connection, with the AMQP heartbeat Celery's consumer asks for.
+
+        On Redis the native fast path (redis_broker.py) is used unless
+        ``CCWORKER_REDIS_FAST_PATH=0`` or a queue needs what only kombu's
+        path does (see `native_path_eligible`).
+        """
         conf = self.app.conf
-        return KombuBroker(self.app.connection_for_read(heartbeat=conf.broker_heartbeat),
-                           heartbeat_rate=conf.broker_heartbeat_checkrate)
+        connection = self.app.connection_for_read(heartbeat=conf.broker_heartbeat)
+        queues = self.consumer.queues if self.consumer is not None else ()
+        broker_class = KombuBroker
+        if os.environ.get("CCWORKER_REDIS_FAST_PATH", "1") != "0" and \
+                native_path_eligible(connection, queues):
+            broker_class = RedisBroker
+        return broker_class(connection, heartbeat_rate=conf.broker_heartbeat_checkrate,
+                            qos_global=self._qos_global(connection))
+
+    def _qos_global(self, connection: Any) -> bool | None:
+        """False when the app uses quorum queues, as Celery decides it
+        (``worker_detect_quorum_queues``): RabbitMQ refuses global QoS on
+        them. None: the adapter's own rule (global on RabbitMQ >= 3.3)."""
+        if not self.app.conf.get("worker_detect_quorum_queues", True):
+            return None
+        try:
+            from celery.utils.quorum_queues import detect_quorum_queues
+        except ImportError:  # Celery < 5.5 has no quorum queue support
+            return None
+        found, _ = detect_quorum_queues(self.app, connection.transport.driver_type)
+        if not found:
+            return None
+        if not getattr(self, "_said_static_qos", False):
+            logging.getLogger("celery.worker.consumer.tasks").info(
+                "Global QoS is disabled. Prefetch count is now static.")
+            self._said_static_qos = True
+        return False
 
     def _event_dispatcher(self) -> EventDispatcher | None:
         """Events are off altogether without -E, heartbeats and gossip (E18)."""
@@ -139,14 +305,21 @@ class Worker:
         self._request_shutdown("Warm", EX_OK, signal.SIGTERM)
 
     def on_ready(self) -> None:
+        if self.observability is not None:
+            self.observability.ready()
         signals.worker_ready.send(sender=self.consumer)
         logger.info("%s ready.", self.nodename)
 
     def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_sigterm)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        install: Any = signal.signal
+        if self.options.pool == "gevent":
+            # In a greenlet, not in the event loop, so that worker_shutting_down
+            # receivers may do I/O.
+            from celerycompat.pools.gevent_pool import install_signal_handler as install
+        install(signal.SIGTERM, self._on_sigterm)
+        install(signal.SIGINT, self._on_sigint)
         if hasattr(signal, "SIGQUIT"):
-            signal.signal(signal.SIGQUIT, self._on_sigquit)
+            install(signal.SIGQUIT, self._on_sigquit)
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if os.environ.get("REMAP_SIGTERM") == "SIGQUIT":
@@ -159,8 +332,37 @@ class Worker:
         self._request_shutdown("Warm", EX_FAILURE, signum)
 
     def _on_sigquit(self, signum: int, frame: Any) -> None:
-        self._cold = True
+        if self._soft_deadline is not None and not self._cold:
+            # Celery's ``during_soft_shutdown``: a cold signal in the soft
+            # window cancels the running tasks. Ours ends the window at once.
+            print("Waiting gracefully for cold shutdown to complete...",
+                  file=sys.__stderr__, flush=True)
+            self._cold = True
+            return
+        if not self._cold:
+            print("worker: Hitting Ctrl+C again will terminate all running tasks!",
+                  file=sys.__stderr__, flush=True)
+            self._cold = not self._begin_soft_shutdown()
         self._request_shutdown("Cold", EX_FAILURE, signum)
+
+    def _begin_soft_shutdown(self) -> bool:
+        """Open the soft window of a cold shutdown, if configured and worth it.
+
+        As Celery's ``wait_for_soft_shutdown``: only with tasks running,
+        unless ``worker_enable_soft_shutdown_on_idle``. Celery sleeps the
+        whole timeout; ccworker ends the window as soon as nothing runs
+        (reserved and ETA messages go back to the queue at every shutdown,
+        idle or not).
+        """
+        conf = self.app.conf
+        timeout = conf.get("worker_soft_shutdown_timeout") or 0  # Celery >= 5.5
+        running = self.consumer is not None and bool(self.consumer.active)
+        if not timeout or timeout <= 0 or not (
+                running or conf.get("worker_enable_soft_shutdown_on_idle")):
+            return False
+        shutdown_logger.warning("Initiating Soft Shutdown, terminating in %s seconds", timeout)
+        self._soft_deadline = time.monotonic() + float(timeout)
+        return True
 
     def _request_shutdown(self, how: str, exitcode: int, signum: int) -> None:
         first = self._shutdown_requests == 0
@@ -184,11 +386,31 @@ class Worker:
         assert self.consumer is not None
         try:
             self.consumer.run(on_ready=self.on_ready)
+            if self.consumer.exitcode is not None:  # gave up on the broker (exit 1)
+                self.exitcode = self.consumer.exitcode
+            self._stop_beat()  # with the consumer, before running tasks drain (Celery's order)
             self.shutdown()
         finally:
+            self._stop_beat()
+            self._save_state()
             self.consumer.close()
+            if self.observability is not None:
+                self.observability.stop()
             signals.worker_shutdown.send(sender=self)
         return self.exitcode
+
+    def _stop_beat(self) -> None:
+        if self.beat is not None:
+            beat, self.beat = self.beat, None
+            beat.stop()
+
+    def _save_state(self) -> None:
+        """``--statedb``: the revoked ids and the clock, at every exit (Celery: ``atexit``)."""
+        if self.statedb is not None:
+            try:
+                self.statedb.save()
+            except Exception:
+                logger.exception("Could not save the state database %s", self.statedb.filename)
 
     def shutdown(self) -> None:
         """Warm: return reserved messages, let running tasks finish and settle them."""
@@ -196,6 +418,9 @@ class Worker:
         assert consumer is not None
         consumer.stop_consuming()
         while consumer.has_work() and not self._cold:
+            if self._soft_deadline is not None and time.monotonic() >= self._soft_deadline:
+                self._cold = True  # the soft window is over: cold from here
+                break
             consumer.drain(0.1)
         if self._cold:
             consumer.return_running()

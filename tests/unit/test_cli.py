@@ -196,9 +196,7 @@ def test_settings_fill_in(projects) -> None:
     assert (o.max_tasks_per_child, o.max_memory_per_child) == (11, 12000)
     assert o.statedb == "/tmp/state-w5.db"
     assert (o.pool, o.requested_pool) == ("solo", "solo")
-    assert o.unsupported == [
-        "ccworker: -S/--statedb (worker_state_db) is accepted but not supported yet; ignored",
-    ]
+    assert o.unsupported == []  # worker_state_db is honoured (consumer/statedb.py)
 
 
 def test_one_warning_per_unsupported_flag(projects) -> None:
@@ -206,8 +204,10 @@ def test_one_warning_per_unsupported_flag(projects) -> None:
               "--autoscale", "2", "--pool-start-method", "spawn", "--umask", "022",
               "--executable", "/bin/x", "--without-gossip", "--without-mingle",
               "--without-heartbeat", "--heartbeat-interval", "3", "-O", "fair")
-    assert len(o.unsupported) == 8
-    assert len(set(o.unsupported)) == 8
+    # -D, --autoscale on solo, spawn, --umask, --executable (-B, -s and
+    # --scheduler are honoured: celerycompat/beat.py).
+    assert len(o.unsupported) == 5
+    assert len(set(o.unsupported)) == 5
     assert all(line.startswith("ccworker: ") and "\n" not in line for line in o.unsupported)
     assert not any("gossip" in line or "fair" in line for line in o.unsupported)
 
@@ -475,3 +475,25 @@ def test_same_as_celery_worker(oracle_results, index) -> None:
         resolved["concurrency"] = ours["resolved"]["concurrency"]  # CPU count, checked above
     assert ours["resolved"] == resolved
     assert ours["conf"] == theirs["conf"]
+
+
+FAILING_RUN_SNIPPET = """
+import sys
+from celerycompat import cli
+def runner(options):
+    print("task output goes to the log")
+    raise RuntimeError("the worker broke")
+cli.main(sys.argv[1:], runner=runner)
+"""
+
+
+def test_an_error_escaping_the_worker_is_logged_once_and_exits_1() -> None:
+    """Celery's ``Unrecoverable error: ...`` line with its traceback, once; not
+    the traceback written fragment by fragment through the redirected stderr."""
+    done = subprocess.run(
+        [PYTHON, "-c", FAILING_RUN_SNIPPET, "-A", "preloadproj", "-l", "info", "-P", "solo"],
+        cwd=PROJECTS, text=True, capture_output=True, env=_clean_env(), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("Unrecoverable error: RuntimeError('the worker broke')") == 1
+    assert done.stderr.count("Traceback (most recent call last)") == 1
+    assert len([line for line in done.stderr.splitlines() if "WARNING/" in line]) <= 1
