@@ -1,5 +1,7 @@
 """Ordinary tasks: nothing here knows which worker runs it."""
 
+import time
+
 from celery import shared_task
 
 
@@ -9,7 +11,10 @@ def add(x, y):
 
 
 @shared_task(bind=True)
-def whoami(self):
+def whoami(self, seconds=0):
+    """Which worker ran this (after ``seconds`` of pretend work)."""
+    if seconds:
+        time.sleep(seconds)
     return {"task_id": self.request.id, "worker": self.request.hostname}
 
 
