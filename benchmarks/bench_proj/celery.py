@@ -11,8 +11,27 @@ app.conf.update(
     task_default_queue=os.environ.get("BENCH_QUEUE", "bench"),
     task_ignore_result=os.environ.get("BENCH_IGNORE_RESULT") == "1",
 )
+if os.environ.get("BENCH_ETA_TASK_LIMIT"):
+    app.conf.worker_eta_task_limit = int(os.environ["BENCH_ETA_TASK_LIMIT"])
 
 
 @app.task
 def noop():
     return None
+
+
+@app.task
+def sleepy(seconds):
+    """An I/O-bound task: the threads and gevent scenarios."""
+    import time
+
+    time.sleep(seconds)
+
+
+@app.task
+def cpu(n):
+    """A small CPU-bound task (about 2 ms for n=20000): the prefork scenario."""
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
