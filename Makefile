@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint
+.PHONY: demo cluster test lint
 
 $(BIN)/ccworker: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(BIN)/ccworker: pyproject.toml
 # A ccworker on an embedded broker (no server) and a real Celery client.
 demo: $(BIN)/ccworker
 	$(BIN)/python docker/example/demo.py
+
+# A celery worker, a ccworker and Flower on the local Redis, and a producer
+# (docker/compose.yaml without Docker; docs/migration.md). Ctrl-C stops it all.
+cluster: $(BIN)/ccworker
+	$(BIN)/python docker/cluster.py
 
 # Unit and interop tests (needs Redis and RabbitMQ, see README).
 test: $(BIN)/ccworker

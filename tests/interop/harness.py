@@ -221,6 +221,8 @@ class BrokerEnv:
             if self.name != "amqp":
                 raise ValueError("rpc:// results need the amqp broker")
             return "rpc://"
+        if backend.startswith("file://"):
+            return backend  # a filesystem backend: a backend without native join
         raise ValueError(f"unknown backend {backend!r}")
 
     def connection(self):
@@ -228,10 +230,14 @@ class BrokerEnv:
 
         return Connection(self.url, connect_timeout=5)
 
+    def redis_client(self) -> redis.Redis:
+        """A plain client on the broker's Redis database (``name == "redis"``)."""
+        return redis.Redis.from_url(self.url)
+
     def queue_depth(self, queue: str) -> int:
         """Messages ready in ``queue`` (not counting ones a worker holds unacked)."""
         if self.name == "redis":
-            client = redis.Redis.from_url(self.url)
+            client = self.redis_client()
             try:
                 return int(client.llen(queue))
             finally:
@@ -250,7 +256,7 @@ class BrokerEnv:
     def forget_queue(self, token: str, queue: str) -> None:
         """Remove what a worker left on the broker (best effort)."""
         if self.name == "redis":
-            client = redis.Redis.from_url(self.url)
+            client = self.redis_client()
             try:
                 keys = list(client.scan_iter(match=f"*{token}*", count=1000))
                 if keys:
@@ -514,12 +520,15 @@ class WorkerCache:
         self._workers: dict = {}
         self.used: list[WorkerProcess] = []
 
-    def get_many(self, kinds, broker: BrokerEnv, spec: WorkerSpec,
+    def get_many(self, kinds, broker: BrokerEnv, spec,
                  fresh: bool = False) -> dict:
-        """Workers of every kind in ``kinds`` for ``spec``, started together
-        (their startups overlap) and all ready."""
+        """Workers of every kind in ``kinds`` for ``spec`` (one ``WorkerSpec``,
+        or a dict of one per kind), started together (their startups
+        overlap) and all ready."""
+        specs = spec if isinstance(spec, dict) else dict.fromkeys(kinds, spec)
         out, starting = {}, []
         for kind in kinds:
+            spec = specs[kind]
             key = (kind, broker.name, spec)
             worker = None if fresh else self._workers.get(key)
             if worker is not None and not worker.alive():
@@ -651,6 +660,15 @@ def last_line(text: Optional[str]) -> Optional[str]:
 class Raw(str):
     """An observation that is raw bytes (decoded losslessly for display);
     compared byte for byte after normalisation, never re-serialised."""
+
+
+def group_by_task(entries: list) -> list:
+    """``entries`` stably reordered so each task's entries are adjacent, tasks
+    in order of first appearance (entries without an id keep their own group)."""
+    first_seen: dict = {}
+    for entry in entries:
+        first_seen.setdefault(entry[1].get("id"), len(first_seen))
+    return sorted(entries, key=lambda entry: first_seen[entry[1].get("id")])
 
 
 class Lines(list):
@@ -802,13 +820,20 @@ class Observer:
         self.record(label, self.broker.queue_depth(self.queue))
 
     def records(self, label: str, until: Optional[Callable] = None,
-                timeout: float = 5.0) -> list:
+                timeout: float = 5.0, per_task: bool = False) -> list:
         """The hook/signal entries recorded since the scenario began, for this
         scenario's tasks (entries with another task's id are dropped).
 
         ``until(entries)`` says when the worker is done (default: every task
         that reached ``task_prerun`` also reached ``task_postrun``, the last
         thing Celery sends); after ``timeout`` whatever is there is recorded.
+
+        ``per_task`` records each task's entries together, tasks in the order
+        they first appear, keeping the order within each task. It is for
+        scenarios where Celery's own interleaving of two tasks is a race: on
+        gevent, Celery sends a timed-out task's ``task_failure`` from the
+        timer greenlet after it has stored the result, so the client's next
+        task can start first.
         """
         def default_until(entries):
             started = {e[1].get("id") for e in entries if e[0] == "task_prerun"}
@@ -827,6 +852,8 @@ class Observer:
             if until(entries) or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        if per_task:
+            entries = group_by_task(entries)
         self.record(label, Lines(entries))
         return entries
 
@@ -1076,7 +1103,11 @@ def run_differential(scenario: Callable, broker: BrokerEnv, *, cache: WorkerCach
     """Run ``scenario(app, observe)`` on ``celery worker`` and on ``ccworker``.
 
     ``worker_flags`` build the ``WorkerSpec`` (``pool``, ``concurrency``,
-    ``backend``, ``env`` as a dict, ``extra_flags``); both sides get the same.
+    ``backend``, ``env`` as a dict, ``extra_flags``); both sides get the same,
+    except what ``by_kind`` overrides for one side: ``by_kind={"celery":
+    {"pool": "prefork"}}`` compares ccworker on the given pool with ``celery
+    worker -P prefork`` (for behaviour Celery has on one pool only; the
+    ``celery2`` of ``CC_WORKERS=self`` takes ``celery``'s overrides).
     ``fresh=True`` starts dedicated workers for this scenario (for what
     happens at startup); otherwise workers are shared within the module.
 
@@ -1087,9 +1118,12 @@ def run_differential(scenario: Callable, broker: BrokerEnv, *, cache: WorkerCach
     was made.
     """
     env = worker_flags.pop("env", None) or {}
-    spec = WorkerSpec(env=tuple(sorted(env.items())), **worker_flags)
+    by_kind = worker_flags.pop("by_kind", None) or {}
     kinds = selected_kinds()
-    workers = cache.get_many(kinds, broker, spec, fresh=fresh)
+    specs = {kind: WorkerSpec(env=tuple(sorted(env.items())), **{
+        **worker_flags, **by_kind.get("celery" if kind == "celery2" else kind, {})})
+        for kind in kinds}
+    workers = cache.get_many(kinds, broker, specs, fresh=fresh)
     try:
         results = {kind: run_side(kind, workers[kind], scenario) for kind in kinds}
     finally:

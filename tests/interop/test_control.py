@@ -18,6 +18,7 @@ import sys
 import time
 
 import pytest
+import redis
 
 import harness
 
@@ -30,13 +31,17 @@ TYPE_ONLY = {"eta", "pid", "clock", "uptime", "time_start", "worker_pid", "utime
 
 
 class Normaliser:
-    def __init__(self, worker: harness.WorkerProcess, ids: list[str]):
+    def __init__(self, worker: harness.WorkerProcess, ids: list[str],
+                 names: dict[str, str] | None = None):
         self.worker = worker
         self.ids = {task_id: f"<task{i}>" for i, task_id in enumerate(ids)}
+        self.names = names or {}
 
     def text(self, value: str) -> str:
         value = value.replace(self.worker.nodename, "<node>")
         value = value.replace(self.worker.queue, "<queue>")
+        for text, name in self.names.items():
+            value = value.replace(text, name)
         for task_id, name in self.ids.items():
             value = value.replace(task_id, name)
         return re.sub(r"ccit\.record\.\w+", "<record>", value)
@@ -54,9 +59,31 @@ class Normaliser:
         return value
 
 
-def ask(app, node: str, method: str, **arguments):
+class Gate:
+    """What ``proj_basic.tasks.gated`` waits on: a Redis list named for one
+    worker, so its tasks run until the test has looked at them, however
+    slowly a loaded machine lets it look."""
+
+    def __init__(self, name: str, url: str):
+        self.name = name
+        self.client = redis.Redis.from_url(url)
+
+    def open(self, tasks: int) -> None:
+        """Let ``tasks`` gated tasks finish."""
+        self.client.rpush(self.name, *[1] * tasks)
+        self.client.expire(self.name, 60)
+
+
+def gate_for(worker: harness.WorkerProcess) -> Gate:
+    return Gate(f"ccit.gate.{worker.token}", worker.broker.results_url)
+
+
+def ask(app, node: str, method: str, timeout: float = 10.0, **arguments):
+    """The replies of ``node`` to ``method``. The client stops waiting at the
+    first reply, so a generous ``timeout`` only costs time when none comes
+    (then a loaded machine does not turn a slow reply into a missing one)."""
     replies = app.control.broadcast(method, arguments=arguments, destination=[node],
-                                    reply=True, timeout=3.0)
+                                    reply=True, timeout=timeout)
     return [reply[node] for reply in replies if node in reply]
 
 
@@ -76,8 +103,10 @@ def observe(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
         worker.wait_ready()
         with harness.client_app(PROJECT, worker.env) as app:
             node = worker.nodename
-            # Two slow tasks fill both slots, two more wait reserved, one is held for an ETA.
-            running = [app.send_task("proj_basic.tasks.slow_started", (4,)) for _ in range(2)]
+            # Two gated tasks fill both slots until the end, two more wait
+            # reserved, one is held for an ETA.
+            gate = gate_for(worker)
+            running = [app.send_task("proj_basic.tasks.gated", (gate.name,)) for _ in range(2)]
             waiting = [app.send_task("proj_basic.tasks.add", (i, i)) for i in range(2)]
             eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=60)
             held = app.send_task("proj_basic.tasks.add", (9, 9), eta=eta)
@@ -87,7 +116,7 @@ def observe(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
                 if len(ask(app, node, "active")[0]) == 2 and ask(app, node, "scheduled")[0]:
                     break
                 time.sleep(0.1)
-            norm = Normaliser(worker, ids)
+            norm = Normaliser(worker, ids, {gate.name: "<gate>"})
 
             def record(name, value):
                 out.append([name, norm(value)])
@@ -151,9 +180,10 @@ def observe(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
             record("cli inspect active_queues --json",
                    json.loads(cli(worker, "inspect", "active_queues", "--json")
                               .split("\n", 1)[1]))
+            gate.open(len(running))
             for result in running + waiting:
                 result.get(timeout=30)
-            record("shutdown", ask(app, node, "shutdown"))
+            record("shutdown", ask(app, node, "shutdown", timeout=3.0))
         worker.proc.wait(30)
         record("exit code", worker.proc.returncode)
     finally:
@@ -178,7 +208,8 @@ def active_pids_are_pool_processes(kind: str, broker: harness.BrokerEnv, log_dir
     try:
         worker.wait_ready()
         with harness.client_app(PROJECT, worker.env) as app:
-            running = [app.send_task("proj_basic.tasks.slow_started", (3,)) for _ in range(2)]
+            gate = gate_for(worker)
+            running = [app.send_task("proj_basic.tasks.gated", (gate.name,)) for _ in range(2)]
             deadline = time.monotonic() + 15
             active: list = []
             while time.monotonic() < deadline:
@@ -187,6 +218,7 @@ def active_pids_are_pool_processes(kind: str, broker: harness.BrokerEnv, log_dir
                     break
                 time.sleep(0.1)
             processes = ask(app, worker.nodename, "stats")[0]["pool"]["processes"]
+            gate.open(len(running))
             for result in running:
                 result.get(timeout=30)
         pids = sorted(info["worker_pid"] for info in active)
@@ -203,7 +235,6 @@ def test_prefork_active_reports_the_child_pid(broker, interop_log_dir):
 
 
 def revoke_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
-    import redis
 
     spec = harness.WorkerSpec(project=PROJECT, pool="threads", concurrency=1)
     worker = harness.WorkerProcess(kind, spec, broker, log_dir).start()
@@ -214,7 +245,8 @@ def revoke_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
         with harness.client_app(PROJECT, worker.env) as app:
             node = worker.nodename
             unknown = f"unknown-{worker.token}"
-            slow = app.send_task("proj_basic.tasks.slow_started", (2,))
+            gate = gate_for(worker)
+            slow = app.send_task("proj_basic.tasks.gated", (gate.name,))
             queued = [app.send_task("proj_basic.tasks.add", (i, i)) for i in range(2)]
             eta = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
             held = app.send_task("proj_basic.tasks.add", (5, 5), eta=eta)
@@ -229,7 +261,8 @@ def revoke_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
             out.append(["revoke running", norm(ask(app, node, "revoke", task_id=slow.id))])
             out.append(["terminate unknown", norm(ask(app, node, "revoke", task_id="nope",
                                                       terminate=True))])
-            assert slow.get(timeout=20) == 2
+            gate.open(1)
+            assert slow.get(timeout=20) is True
             assert queued[1].get(timeout=20) == 2
             time.sleep(3)  # the ETA passes; the held task is discarded
             out.append(["inspect revoked", sorted(norm(ask(app, node, "revoked"))[0])])

@@ -176,11 +176,14 @@ def test_flower_sees_ccworker_as_it_sees_a_celery_worker(interop_log_dir, redis_
         metrics = flower.get("/metrics")
         assert f'worker="{names["ccworker"]}"' in metrics
 
-        # Control buttons: time limit (ok on both) and shutdown.
+        # Control buttons: time limit and rate limit (ok on both) and shutdown.
         for kind in workers:
             status, reply = flower.post("/api/task/timeout/proj_basic.tasks.add",
                                         workername=names[kind], hard="20", soft="10")
             assert status == 200, reply
+            status, reply = flower.post("/api/task/rate-limit/proj_basic.tasks.add",
+                                        workername=names[kind], ratelimit="100/s")
+            assert (status, reply) == (200, {"message": "new rate limit set successfully"})
         status, reply = flower.post(f"/api/worker/shutdown/{names['ccworker']}")
         assert status == 200, reply
         workers["ccworker"].proc.wait(30)

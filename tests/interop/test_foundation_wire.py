@@ -32,7 +32,7 @@ import pytest
 import redis
 from celery import chain, chord, group
 
-from harness import Raw, last_line, plain, ttl_bucket
+from harness import GET_TIMEOUT, Raw, last_line, plain, ttl_bucket
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -400,28 +400,49 @@ def test_routing_exclude_queue(broker, run_differential):
 # --------------------------------------------------------------------------
 
 
+# Celery's gevent pool can start an ETA task a few milliseconds early: its
+# timer counts down on gevent's loop clock, which lags the wall clock by the
+# time since the loop last woke (docs/compat.md). For that worker alone, a
+# lead this small counts as on time; ccworker is held to none at all.
+CELERY_GEVENT_ETA_LEAD_MS = 50
+
+
+def started_on_time(observe, result, label: str) -> None:
+    """Record whether ``eta_lead`` ran no earlier than its ETA, and its state."""
+    try:
+        value = result.get(timeout=GET_TIMEOUT)
+    except Exception as exc:  # recorded, so the diff shows it
+        observe.record(label, repr(exc))
+        return
+    tolerated = 0
+    if observe.worker.kind != "ccworker" and observe.worker.spec.pool == "gevent":
+        tolerated = CELERY_GEVENT_ETA_LEAD_MS
+    observe.record(label, {"has_eta": value["has_eta"], "state": result.state,
+                           "not_early": value["lead_ms"] <= tolerated})
+
+
 def test_eta_countdown(broker, run_differential):
     """``countdown`` and ``eta``: the task never starts before its ETA, and a
     task sent after them without an ETA is not held up by them."""
 
     def scenario(app, observe):
         start = time.monotonic()
-        by_countdown = observe.send("when", countdown=1)
-        by_eta = observe.send("when", eta=utcnow() + datetime.timedelta(seconds=1.5))
+        by_countdown = observe.send("eta_lead", countdown=1)
+        by_eta = observe.send("eta_lead", eta=utcnow() + datetime.timedelta(seconds=1.5))
         plain_task = observe.send("when")
         observe.get_and_meta(plain_task, "no-eta")
         observe.record("no-eta.not-held", time.monotonic() - start < 1.0)
-        observe.get_and_meta(by_countdown, "countdown")
+        started_on_time(observe, by_countdown, "countdown")
         observe.record("countdown.waited", time.monotonic() - start >= 1.0)
-        observe.get_and_meta(by_eta, "eta")
+        started_on_time(observe, by_eta, "eta")
         observe.record("eta.waited", time.monotonic() - start >= 1.5)
         unacked(observe, "unacked-after")
 
     celery_obs, cc_obs = wire(run_differential, scenario, broker)
     assert celery_obs["no-eta"]["value"] == {"has_eta": False, "not_early": True}
     assert celery_obs["no-eta.not-held"] is True
-    assert celery_obs["countdown"]["value"] == {"has_eta": True, "not_early": True}
-    assert celery_obs["eta"]["value"] == {"has_eta": True, "not_early": True}
+    on_time = {"has_eta": True, "not_early": True, "state": "SUCCESS"}
+    assert celery_obs["countdown"] == on_time and celery_obs["eta"] == on_time
     assert celery_obs["countdown.waited"] is True and celery_obs["eta.waited"] is True
     assert celery_obs == cc_obs
 

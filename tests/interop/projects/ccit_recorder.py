@@ -17,6 +17,7 @@ running the project by hand) recording is a no-op.
 
 import json
 import os
+import time
 
 import redis
 
@@ -36,3 +37,19 @@ def record(event, **detail):
     if not key or not os.environ.get("CC_TEST_RECORD_URL"):
         return
     _redis().rpush(key, json.dumps([event, detail], sort_keys=True, default=repr))
+
+
+def wait_for_gate(gate, limit):
+    """Block until the test opens ``gate`` (RPUSHes to that list) or ``limit``
+    seconds pass; True if it was opened.
+
+    For tasks that must still be running whenever the test looks, however
+    slowly a loaded machine lets it look: a fixed sleep would be a race.
+    """
+    # Short waits: redis-py 8 gives every socket a read timeout of a few
+    # seconds by default, which a long BLPOP would exceed.
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if _redis().blpop([gate], timeout=1) is not None:
+            return True
+    return False

@@ -9,12 +9,18 @@ Variables (the harness sets them for the worker and the client alike):
 ``CC_TEST_RECORD_URL``      Redis URL hooks and signals write to
 ``CC_TEST_RECORD``          name of the Redis list they RPUSH to
 ``CC_TEST_RESULT_EXTENDED`` ``1`` turns on ``result_extended``
+``CC_TEST_TRANSPORT_OPTIONS`` ``broker_transport_options`` as JSON (Sentinel's
+                            ``master_name``; test_broker_urls.py)
+``CC_TEST_BROKER_CA``       a CA file: the broker is TLS, its certificate
+                            verified against it (test_broker_urls.py)
 
 Nothing else is configured: every other setting keeps Celery's default, the
 defaults being exactly what a drop-in replacement has to reproduce.
 """
 
+import json
 import os
+import ssl
 
 from celery import Celery
 
@@ -28,6 +34,16 @@ app.conf.update(
     # the value is Celery's default, spelled out to silence its 6.0 warning.
     broker_connection_retry_on_startup=True,
 )
+
+if os.environ.get("CC_TEST_TRANSPORT_OPTIONS"):
+    app.conf.broker_transport_options = json.loads(os.environ["CC_TEST_TRANSPORT_OPTIONS"])
+if os.environ.get("CC_TEST_BROKER_CA"):
+    # The option names differ by transport: redis-py's, then py-amqp's.
+    ca = os.environ["CC_TEST_BROKER_CA"]
+    app.conf.broker_use_ssl = (
+        {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": ca}
+        if app.conf.broker_url.startswith("rediss")
+        else {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": ca})
 
 # Signal receivers are connected here, in the module ``-A`` imports, and not
 # through ``include``: ``celeryd_init`` is sent before the worker imports the

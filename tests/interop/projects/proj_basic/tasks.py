@@ -11,7 +11,7 @@ import time
 
 from celery import Task
 
-from ccit_recorder import record
+from ccit_recorder import record, wait_for_gate
 
 from .celery import app
 
@@ -133,6 +133,12 @@ def hooked_fail(x):
 def slow_started(seconds):
     time.sleep(seconds)
     return seconds
+
+
+@app.task(track_started=True)
+def gated(gate, limit=120):
+    """Run until the test opens ``gate`` (see ``ccit_recorder.wait_for_gate``)."""
+    return wait_for_gate(gate, limit)
 
 
 @app.task

@@ -141,6 +141,16 @@ def when(self):
     return {"has_eta": eta is not None, "not_early": eta is None or now >= eta}
 
 
+@app.task(bind=True)
+def eta_lead(self):
+    """How many milliseconds before its ETA the task started (0: not early),
+    judged inside the task against the ETA it was given."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    eta = _as_utc(getattr(self.request, "eta", None))
+    lead = 0 if eta is None else max(0.0, (eta - now).total_seconds() * 1000)
+    return {"has_eta": eta is not None, "lead_ms": lead}
+
+
 def _route_of(task):
     info = task.request.delivery_info or {}
     return {k: info.get(k) for k in ("exchange", "routing_key")}

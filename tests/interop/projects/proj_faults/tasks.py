@@ -1,0 +1,45 @@
+"""Tasks that write down every run, so a test can count deliveries.
+
+Each run of ``late`` (``acks_late``) or ``early`` (early ack, Celery's
+default) increments ``<key>.runs`` field ``<task id>:<attempt>`` when it
+starts (and notes the time on ``<key>.starts``), and pushes a JSON line
+onto ``<key>.done`` when it ends: a field
+above 1 is a message delivered more than once, never a publisher's retry
+(each publish attempt carries its own ``attempt``). Both live in the Redis
+at ``CC_TEST_RECORD_URL``, which the tests never restart.
+"""
+
+import json
+import os
+import time
+
+import redis
+
+from .celery import app
+
+_records = redis.Redis.from_url(os.environ.get("CC_TEST_RECORD_URL", "redis://127.0.0.1:6379/11"))
+
+
+def _run(task, key, attempt, sent_at, seconds):
+    field = f"{task.request.id}:{attempt}"
+    started = time.time()
+    _records.hincrby(f"{key}.runs", field, 1)
+    _records.rpush(f"{key}.starts", json.dumps({"field": field, "started": started}))
+    if seconds:
+        time.sleep(seconds)
+    _records.rpush(f"{key}.done", json.dumps({
+        "id": task.request.id, "attempt": attempt, "sent_at": sent_at,
+        "started": started, "finished": time.time(),
+        "redelivered": bool(task.request.delivery_info.get("redelivered")),
+    }))
+    return attempt
+
+
+@app.task(bind=True, acks_late=True)
+def late(self, key, attempt, sent_at, seconds=0.0):
+    return _run(self, key, attempt, sent_at, seconds)
+
+
+@app.task(bind=True)
+def early(self, key, attempt, sent_at, seconds=0.0):
+    return _run(self, key, attempt, sent_at, seconds)
