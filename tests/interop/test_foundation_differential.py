@@ -184,7 +184,9 @@ def test_ignore_result(broker, run_differential):
         observe.settle()
         observe.meta(by_task.id, "task-option")
         observe.meta(by_option.id, "call-option")
-        observe.records("records")
+        # Per task: whether the second task's ``task_received`` comes before
+        # or after the first task's hooks is a race on either worker.
+        observe.records("records", per_task=True)
 
     celery_obs, cc_obs = run_differential(scenario, broker)
     assert celery_obs["task-option.ttl"] == "absent"
