@@ -20,7 +20,7 @@ from typing import Any
 from celery import states
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
-from redis.exceptions import WatchError
+from redis.exceptions import NoScriptError, WatchError
 
 from ..protocol import codecs
 from . import group_commit
@@ -148,9 +148,13 @@ class RedisResultStore(NativeStore):
         errors: list[BaseException | None] = []
         for (key, payload, expires), reply in zip(items, replies):
             try:
-                if isinstance(reply, BaseException):
+                if isinstance(reply, NoScriptError):
+                    # Redis lost its script cache (a restart, SCRIPT FLUSH):
+                    # the one-off path loads the script again.
+                    self.backend.ensure(self._write, (key, payload, expires))
+                elif isinstance(reply, BaseException):
                     raise reply
-                if reply == UNDECIDED:
+                elif reply == UNDECIDED:
                     self.backend.ensure(self._write_watched, (key, payload, expires))
                 errors.append(None)
             except Exception as exc:
@@ -160,9 +164,13 @@ class RedisResultStore(NativeStore):
     def _pipeline_writes(self, items: list[tuple[bytes, bytes, int]]) -> list[Any]:
         if not self.lua_decides:
             return [UNDECIDED] * len(items)
+        # EVALSHA by hand: a redis-py ``Script`` in a pipeline costs a SCRIPT
+        # EXISTS round trip before every batch; a missing script comes back
+        # as NoScriptError for the items it hit, which ``_write_many`` redoes.
         pipe = self.client.pipeline(transaction=False)
+        sha = self._script.sha
         for key, payload, expires in items:
-            self._script(keys=[key], args=[payload, expires], client=pipe)
+            pipe.evalsha(sha, 1, key, payload, expires)
         return pipe.execute(raise_on_error=False)
 
     def _write(self, key: bytes, payload: bytes, expires: int) -> None:

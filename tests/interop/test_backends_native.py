@@ -165,6 +165,30 @@ def test_success_is_sticky(rdb, conf):
     assert rdb.get(app.backend.get_key_for_task(tid)) == before
 
 
+def test_batched_writes_survive_a_flushed_script_cache(rdb):
+    """The group-commit pipeline sends EVALSHA without checking the script
+    first; after SCRIPT FLUSH (or a Redis restart) the writes it hit are
+    redone, and the next batch runs on the reloaded script."""
+    app = redis_app()
+    store = result_store_for(app)
+
+    def batch(n):
+        ids = [new_id() for _ in range(n)]
+        items = [store._prepare(tid, i, states.SUCCESS, None, request_for(tid))
+                 for i, tid in enumerate(ids)]
+        assert store._write_many(items) == [None] * n
+        return [app.AsyncResult(tid).result for tid in ids]
+
+    rdb.script_flush()
+    assert batch(3) == [0, 1, 2]
+    assert batch(2) == [0, 1]
+    # SUCCESS stays sticky on the pipelined path too.
+    tid = new_id()
+    store._write_many([store._prepare(tid, "first", states.SUCCESS, None, request_for(tid))])
+    store._write_many([store._prepare(tid, {"pid": 1}, states.STARTED, None, request_for(tid))])
+    assert app.AsyncResult(tid).result == "first"
+
+
 def test_sticky_check_reads_payloads_lua_cannot(rdb):
     # Another worker stored a compressed SUCCESS; our uncompressed JSON store
     # must still see it (Lua answers "undecided", Python decodes).
