@@ -671,6 +671,19 @@ def group_by_task(entries: list) -> list:
     return sorted(entries, key=lambda entry: first_seen[entry[1].get("id")])
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
+               interval: float = 0.05) -> Any:
+    """``predicate()``'s first truthy value within ``timeout`` seconds, else
+    its value at the deadline (a falsy one the caller asserts on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
 class Lines(list):
     """An observation rendered one compact JSON value per line: for ordered
     event lists (hook/signal records), where a diff should show whole

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import signal
-import time
 import uuid
 
 import pytest
@@ -41,7 +40,7 @@ import test_operations as operations
 from pool_scenarios import FOUNDATION, scenarios_named
 from test_events import Listener
 
-from harness import WorkerSpec, run_side, selected_kinds
+from harness import WorkerSpec, run_side, selected_kinds, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(400)]
 
@@ -115,14 +114,6 @@ def test_cold_shutdown(how, interop_log_dir, redis_available):
 # --------------------------------------------------------------------------
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def runs(observe, once: str):

@@ -25,10 +25,10 @@ succeed only if ``n`` of them run at the same time).
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -79,14 +79,7 @@ def pool_view(pool: dict, keys=None) -> dict:
     return view
 
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+wait_until = functools.partial(harness.wait_until, timeout=30.0, interval=0.2)
 
 
 def slots(observe) -> int | None:

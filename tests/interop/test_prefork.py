@@ -26,12 +26,13 @@ import signal
 import time
 
 import pytest
+from pool_scenarios import FOUNDATION, scenarios_named
 
 # The foundation scenarios, re-run on prefork (see WORKER_DEFAULTS). The
 # ones that observe the order in which two tasks sent together run are in
 # test_prefork_serial.py, on one child (with two, the order is not defined,
 # for Celery against itself either).
-from pool_scenarios import FOUNDATION, scenarios_named
+from harness import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 
@@ -65,14 +66,6 @@ def without_process_exits(line: str):
     return None if "' pid:" in line and " exited with " in line else normalise_log(line)
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
 
 
 def records_sorted(observe, label: str, until=None, timeout: float = 5.0) -> list:

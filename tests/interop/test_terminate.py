@@ -30,7 +30,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -56,14 +55,7 @@ def records(observe) -> list:
     return [json.loads(raw) for raw in observe.results.lrange(observe.worker.record_key, 0, -1)]
 
 
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+wait_until = harness.wait_until
 
 
 def wait_started(observe, task_id: str) -> bool:

@@ -28,11 +28,12 @@ what the thread does when it wakes up is discarded).
 
 from __future__ import annotations
 
+import functools
 import re
-import time
 
 import pytest
 
+import harness
 from harness import Lines, selected_kinds
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
@@ -49,14 +50,7 @@ def differential(run_differential, scenario, broker, pool, **flags):
                             **flags)
 
 
-def wait_until(predicate, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
+wait_until = functools.partial(harness.wait_until, timeout=30.0)
 
 
 def normalise_log(line: str):
