@@ -37,6 +37,10 @@ BATCH_MAX = 256
 
 _enabled_pid: int | None = None
 _local = threading.local()
+#: One writer per result store *identity* in this process (see `shared_writer`).
+_writers: dict[Any, GroupWriter] = {}
+_writers_pid: int | None = None
+_writers_lock = threading.Lock()
 
 
 def enable() -> None:
@@ -86,6 +90,28 @@ def take() -> Future | None:
     for future in pending:
         future.add_done_callback(one_done)
     return combined
+
+
+def shared_writer(identity: Any,
+                  write_batch: Callable[[list[Any]], list[BaseException | None]]) -> GroupWriter:
+    """The process's writer for stores that write to the same place.
+
+    Why: Celery's ``app.backend`` is per thread, so a threads pool has one
+    store (and so one writer) per pool thread, each sending small batches.
+    Stores whose ``identity`` is equal write the same items to the same
+    server the same way, so they can share one writer and fill its batches:
+    the first store's ``write_batch`` serves them all. A process forked
+    later (threads die in a fork) starts a registry of its own.
+    """
+    global _writers_pid
+    with _writers_lock:
+        if _writers_pid != os.getpid():
+            _writers.clear()
+            _writers_pid = os.getpid()
+        writer = _writers.get(identity)
+        if writer is None:
+            writer = _writers[identity] = GroupWriter(write_batch)
+        return writer
 
 
 class GroupWriter:

@@ -14,7 +14,6 @@ disagree with how a Celery client reads the result.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from celery import states
@@ -81,7 +80,6 @@ class RedisResultStore(NativeStore):
         self.lua_decides = self.encoder.serializer == "json" and not self.compression
         self._script = self.client.register_script(STORE_RESULT_LUA)
         self._writer: group_commit.GroupWriter | None = None
-        self._writer_lock = threading.Lock()
 
     def encode_meta(self, meta: dict) -> bytes:
         """Serialize (and compress, C11) a meta document as Celery's ``encode``."""
@@ -136,10 +134,20 @@ class RedisResultStore(NativeStore):
 
     def _group_writer(self) -> group_commit.GroupWriter:
         if self._writer is None:
-            with self._writer_lock:
-                if self._writer is None:
-                    self._writer = group_commit.GroupWriter(self._write_many)
+            self._writer = group_commit.shared_writer(self._identity(), self._write_many)
         return self._writer
+
+    def _identity(self) -> tuple:
+        """Equal for the per-thread copies of one configured backend.
+
+        Same class and same connection parameters give an equivalent client;
+        ``lua_decides`` decides how a batch is sent. A parameter whose repr
+        differs per copy (a credential provider object, say) only costs a
+        writer of its own.
+        """
+        params = getattr(self.backend, "connparams", None) or {}
+        return ("redis", type(self.backend), getattr(self.backend, "url", None),
+                repr(sorted(params.items(), key=lambda kv: kv[0])), self.lua_decides)
 
     def _write_many(self, items: list[tuple[bytes, bytes, int]]) -> list[BaseException | None]:
         """One pipeline for the batch (Celery's retry policy around it); a

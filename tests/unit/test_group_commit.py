@@ -116,3 +116,40 @@ def test_outcome_after_write():
     lost = outcome.after_write(failed)
     assert lost.state is State.INTERNAL_ERROR
     assert isinstance(lost.retval, ConnectionError)
+
+
+def test_stores_of_one_identity_share_one_writer():
+    def write_batch(items):
+        return [None] * len(items)
+
+    first = group_commit.shared_writer(("redis", "url-a"), write_batch)
+    assert group_commit.shared_writer(("redis", "url-a"), write_batch) is first
+    assert group_commit.shared_writer(("redis", "url-b"), write_batch) is not first
+    pid = os.fork()
+    if pid == 0:  # the writer thread did not survive the fork: a new one
+        again = group_commit.shared_writer(("redis", "url-a"), write_batch)
+        os._exit(0 if again is not first else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_per_thread_redis_backends_share_one_writer():
+    """Celery's ``app.backend`` is per thread; its copies get one writer."""
+    from celery import Celery
+
+    from celerycompat.backends.redis import RedisResultStore
+
+    app = Celery("shared-writer", broker="memory://",
+                 backend="redis://127.0.0.1:6379/15")
+    other = Celery("shared-writer-other", broker="memory://",
+                   backend="redis://127.0.0.1:6379/14")
+    backends = []
+    for _ in range(2):
+        thread = threading.Thread(target=lambda: backends.append(app.backend))
+        thread.start()
+        thread.join()
+    assert backends[0] is not backends[1]  # no connection is made here
+    stores = [RedisResultStore(app, backend) for backend in backends]
+    elsewhere = RedisResultStore(other, other.backend)
+    assert stores[0]._group_writer() is stores[1]._group_writer()
+    assert elsewhere._group_writer() is not stores[0]._group_writer()
