@@ -68,6 +68,12 @@ class Broker(Protocol):
         told again (``--disable-prefetch``; 0: none, None: the prefetch
         count alone limits). Called every consumer turn with a fresh value."""
 
+    def set_demand(self, wanted: int) -> None:
+        """How many deliveries the pool could start right now (free slots
+        that nothing reserved will fill). Called every consumer turn; a
+        transport that fetches in batches may wait for a fuller batch while
+        this is 0, since nothing would start sooner."""
+
     def poll(self, timeout: float) -> None:
         """Deliver whatever has arrived, waiting at most ``timeout`` seconds."""
 

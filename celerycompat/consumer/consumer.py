@@ -87,6 +87,9 @@ CONNECTION_RETRY = ("consumer: Connection to broker lost. "
 worker_logger = logging.getLogger("celery.worker.worker")
 
 
+_MISSING = object()
+
+
 class _GaveUp(Exception):
     """The broker is not retried any more; the reason is already logged."""
 
@@ -466,6 +469,7 @@ class Consumer:
         room = self._fetch_room()
         if room is not None:
             self.broker.limit_fetch(room)
+        self.broker.set_demand(self._free_slots() - len(self.reserved))
         if (self.reserved or room == 0) and self._free_slots() == 0:
             # Nothing can start until a slot frees: wait for that instead of
             # the broker, but still let deliveries in (prefetch) and serve
@@ -802,9 +806,7 @@ class Consumer:
         decision = settle(
             outcome,
             acks_late=request.acks_late,
-            acks_on_failure_or_timeout=bool(
-                getattr(request.task, "acks_on_failure_or_timeout",
-                        self.app.conf.task_acks_on_failure_or_timeout)),
+            acks_on_failure_or_timeout=self._acks_on_failure_or_timeout(request.task),
         )
         if decision is Settle.ACK:
             self._ack(request)
@@ -816,6 +818,14 @@ class Consumer:
             self.events.finished(request, outcome, decision)
         if self.metrics is not None:
             self.metrics.finished(request, outcome, decision)
+
+    def _acks_on_failure_or_timeout(self, task: Any) -> bool:
+        # A bound task carries the setting; the app's configuration is only
+        # read for one that does not (reading it costs more than settling).
+        value = getattr(task, "acks_on_failure_or_timeout", _MISSING)
+        if value is _MISSING:
+            value = self.app.conf.task_acks_on_failure_or_timeout
+        return bool(value)
 
     # -- queues changed at run time (add_consumer / cancel_consumer) ---------------
 

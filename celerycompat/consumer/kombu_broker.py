@@ -185,6 +185,9 @@ class KombuBroker:
     def _settled(self) -> None:
         self._outstanding = max(0, self._outstanding - 1)
 
+    def set_demand(self, wanted: int) -> None:
+        """kombu's transports fetch (or are pushed) one message at a time."""
+
     @guarded("basic.qos")
     def limit_fetch(self, room: int | None) -> None:
         """On AMQP the broker pushes: the QoS window becomes what is in hand

@@ -88,6 +88,12 @@ BRPOP_TIMEOUT = 1
 #: Server-side seconds of each wake-up ``BLMOVE`` (Redis >= 6.2); re-sent
 #: while the worker waits for messages.
 WAKE_TIMEOUT = 1
+#: At most this long (seconds) an ack waits to ride with the next fetch
+#: while the pool is busy; an idle poll sends it at once.
+ACK_DELAY = 0.01
+#: How often (seconds) a consumer too busy to wait still lets kombu poll
+#: its own connection (the pidbox) when no socket of it is readable.
+KOMBU_POLL_INTERVAL = 0.01
 #: A BRPOP with no reply this long past its timeout is on a dead connection.
 BRPOP_GRACE = 10.0
 
@@ -125,11 +131,16 @@ class RedisBroker(KombuBroker):
         #: Delivery tags handed to the consumer and not settled yet.
         self._held: dict[str, None] = {}
         self._acks: list[str] = []
+        #: When the oldest pending ack must go even if no fetch does.
+        self._acks_due = 0.0
+        #: `set_demand`: deliveries the pool could start right now.
+        self._demand = 1
         self._requeues: list[str] = []
         self._client: Any = None
         self._fetch: Any = None
         self._lease: LeaseKeeper | None = None
         self._next_restore = 0.0
+        self._next_kombu_poll = 0.0
         self._blocking: Any = None  # the BRPOP connection
         self._blocking_id: int | None = None
         self._brpop_sent_at: float | None = None
@@ -192,6 +203,20 @@ class RedisBroker(KombuBroker):
         """Every fetch is a pull bounded by `_room`: nothing to send."""
         self._window = room
 
+    def set_demand(self, wanted: int) -> None:
+        self._demand = wanted
+
+    def _batch_floor(self) -> int:
+        """The fewest messages worth a fetch while the pool has work queued.
+
+        Why: a busy pool frees one slot at a time, and fetching as soon as
+        one is free costs a script call (a round trip and its Python) per
+        task or two. While reserved tasks cover every free slot, waiting
+        until half the prefetch window is free starts nothing later and
+        fetches (and acks) in batches. An idle slot fetches at once.
+        """
+        return max(1, self._prefetch // 2)
+
     # -- the poll ----------------------------------------------------------
 
     @guarded("poll", waits=True)
@@ -214,7 +239,14 @@ class RedisBroker(KombuBroker):
         self._flush_requeues()
         self._maintain()
         room = self._room()
-        if self._brpop_sent_at is None and room > 0 and self._consuming and self._queues:
+        floor = self._batch_floor()
+        if room <= 0 or (self._demand <= 0 and room < floor):
+            # Busy: acks wait (briefly) for the fetch they can ride with.
+            if timeout > 0 or len(self._acks) >= floor or time.monotonic() >= self._acks_due:
+                self._flush_acks()
+            self._wait(timeout)
+            return
+        if self._brpop_sent_at is None and self._consuming and self._queues:
             if self._fetch_batch(room, popped=""):
                 return
             if self._rotate_wait:
@@ -290,8 +322,14 @@ class RedisBroker(KombuBroker):
 
     def _wait(self, timeout: float) -> None:
         # kombu registers the pidbox subscription (and reads what its parser
-        # already buffered) only inside a poll of its own.
-        self._drain_kombu()
+        # already buffered) only inside a poll of its own. A busy consumer
+        # polls without waiting after every finished task, and kombu's poll
+        # costs more than our fetch: then it runs every KOMBU_POLL_INTERVAL
+        # (and whenever its socket is readable, below).
+        now = time.monotonic()
+        if timeout > 0 or now >= self._next_kombu_poll:
+            self._next_kombu_poll = now + KOMBU_POLL_INTERVAL
+            self._drain_kombu()
         if self._brpop_sent_at is None:
             if self._waiting and self._read_buffered_waiters():
                 return
@@ -467,13 +505,21 @@ class RedisBroker(KombuBroker):
     def ack(self, delivery: Delivery) -> None:
         tag = delivery.handle.delivery_tag
         if self._held.pop(tag, 0) is None:
-            self._acks.append(tag)
+            self._owe_ack(tag)
 
     def reject(self, delivery: Delivery, requeue: bool) -> None:
         tag = delivery.handle.delivery_tag
         if self._held.pop(tag, 0) is not None:
             return
-        (self._requeues if requeue else self._acks).append(tag)
+        if requeue:
+            self._requeues.append(tag)
+        else:
+            self._owe_ack(tag)
+
+    def _owe_ack(self, tag: str) -> None:
+        if not self._acks:
+            self._acks_due = time.monotonic() + ACK_DELAY
+        self._acks.append(tag)
 
     def _flush_requeues(self) -> None:
         if self._requeues:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 import redis
@@ -120,6 +121,42 @@ def test_batch_bounded_by_free_prefetch_slots(queue):
     broker.poll(0.05)
     assert len(got) == 4
     assert redis.Redis.from_url(_url()).llen(queue.name) == 6
+    broker.close()
+
+
+def test_a_busy_pool_fetches_and_acks_in_batches(queue):
+    """While reserved tasks cover every free slot (demand 0), a fetch waits
+    for half the prefetch window and the acks wait to ride with it (at most
+    ACK_DELAY); a free slot with nothing for it fetches at once."""
+    from celerycompat.consumer import redis_broker
+
+    _publish(queue, 20)
+    got, broker = _consume(RedisBroker, queue, 8, prefetch=8)
+    client = redis.Redis.from_url(_url())
+    assert len(got) == 8
+    broker.set_demand(0)
+    for delivery in got[:3]:
+        broker.ack(delivery)
+    broker.poll(0)
+    assert len(got) == 8  # room 3: below half the window of 8
+    assert client.hexists("unacked", got[0].handle.delivery_tag)  # riding later
+    broker.ack(got[3])
+    broker.poll(0)
+    assert len(got) == 12  # room 4: one fetch of 4, the 4 acks with it
+    assert not any(client.hexists("unacked", d.handle.delivery_tag) for d in got[:4])
+
+    broker.ack(got[4])
+    broker.poll(0)
+    assert client.hexists("unacked", got[4].handle.delivery_tag)
+    time.sleep(redis_broker.ACK_DELAY * 2)
+    broker.poll(0)  # no fetch yet, but the ack has waited long enough
+    assert not client.hexists("unacked", got[4].handle.delivery_tag)
+    assert len(got) == 12
+
+    broker.set_demand(1)  # a slot would go idle: fetch what room there is
+    broker.ack(got[5])
+    broker.poll(0)
+    assert len(got) == 14
     broker.close()
 
 
