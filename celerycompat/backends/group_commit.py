@@ -27,7 +27,6 @@ import logging
 import os
 import queue
 import threading
-from concurrent.futures import Future
 from typing import Any, Callable
 
 logger = logging.getLogger("celery.backends")
@@ -58,37 +57,96 @@ def enabled() -> bool:
     return _enabled_pid is not None and _enabled_pid == os.getpid()
 
 
-def add_pending(future: Future) -> None:
+#: Guards every `Write`'s state: callbacks are added on the consumer's
+#: thread while the writer's thread finishes writes.
+_completion_lock = threading.Lock()
+
+
+class Write:
+    """The completion of a deferred write (or of several: `take`).
+
+    The part of ``concurrent.futures.Future`` the consumer uses (``done``,
+    ``exception``, ``add_done_callback``), without the Condition and lock
+    every Future builds: there is one of these per task on the hot path.
+    Callbacks run on the thread that finishes the write (or at once, on the
+    caller's, when it is finished already).
+    """
+
+    __slots__ = ("_done", "_error", "_callbacks")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Any], None]] | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The write's error (None: stored); waits up to ``timeout`` if not done."""
+        if not self._done:
+            finished = threading.Event()
+            self.add_done_callback(lambda _: finished.set())
+            if not finished.wait(timeout):
+                raise TimeoutError("the result write has not finished")
+        return self._error
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        with _completion_lock:
+            if not self._done:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Done (``error`` None: stored); the first call wins."""
+        with _completion_lock:
+            if self._done:
+                return
+            self._error = error
+            self._done = True
+            callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            try:
+                callback(self)
+            except Exception:
+                logger.exception("A result write's callback raised")
+
+
+def add_pending(write: Any) -> None:
+    """Record a deferred write of this thread's current run (a `Write`, or
+    anything with the same ``add_done_callback``/``exception``)."""
     pending = getattr(_local, "pending", None)
     if pending is None:
         pending = _local.pending = []
-    pending.append(future)
+    pending.append(write)
 
 
-def take() -> Future | None:
-    """The writes deferred by this thread's run so far, as one future (or None)."""
+def take() -> Any:
+    """The writes deferred by this thread's run so far, as one `Write` (or None)."""
     pending = getattr(_local, "pending", None)
     if not pending:
         return None
     _local.pending = []
     if len(pending) == 1:
         return pending[0]
-    combined: Future = Future()
+    combined = Write()
     remaining = [len(pending)]
-    lock = threading.Lock()
 
-    def one_done(done: Future) -> None:
-        with lock:
+    def one_done(done: Any) -> None:
+        error = done.exception()
+        with _completion_lock:
             remaining[0] -= 1
             last = remaining[0] == 0
-        error = done.exception()
-        if error is not None and not combined.done():
-            combined.set_exception(error)
-        elif last and not combined.done():
-            combined.set_result(None)
+        if error is not None:
+            combined.finish(error)
+        elif last:
+            combined.finish()
 
-    for future in pending:
-        future.add_done_callback(one_done)
+    for write in pending:
+        write.add_done_callback(one_done)
     return combined
 
 
@@ -124,14 +182,14 @@ class GroupWriter:
     def __init__(self, write_batch: Callable[[list[Any]], list[BaseException | None]],
                  name: str = "result-writer") -> None:
         self._write_batch = write_batch
-        self._queue: queue.SimpleQueue[tuple[Any, Future]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Any, Write]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, item: Any) -> Future:
-        future: Future = Future()
-        self._queue.put((item, future))
-        return future
+    def submit(self, item: Any) -> Write:
+        write = Write()
+        self._queue.put((item, write))
+        return write
 
     def _run(self) -> None:
         while True:
@@ -146,8 +204,5 @@ class GroupWriter:
             except BaseException as exc:  # the whole batch failed
                 logger.error("Could not store %d results: %r", len(batch), exc)
                 errors = [exc] * len(batch)
-            for (_, future), error in zip(batch, errors):
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+            for (_, write), error in zip(batch, errors):
+                write.finish(error)

@@ -59,7 +59,7 @@ class Outcome:
     """``safe_repr`` of the exception (``task-failed/-retried.exception``)."""
     traceback: str | None = None
     durable: Any = field(default=None, repr=False, compare=False)
-    """A ``concurrent.futures.Future`` of the deferred SUCCESS write, or None
+    """The `backends.group_commit.Write` of the deferred SUCCESS write, or None
     (written already, or nothing to write). Never crosses a process."""
 
     def after_write(self, durable: Any) -> Outcome:

@@ -300,7 +300,9 @@ def _stamps(req: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
     Malformed fields (not a list, not a mapping, a name that is not a
     string) count as no stamps instead of failing the message later.
     """
-    names = req.get("stamped_headers") or []
+    names = req.get("stamped_headers")
+    if not names:  # the common case: nothing stamped
+        return [], {}
     values = req.get("stamps") or {}
     if not isinstance(names, (list, tuple)):
         return [], {}

@@ -153,3 +153,23 @@ def test_per_thread_redis_backends_share_one_writer():
     elsewhere = RedisResultStore(other, other.backend)
     assert stores[0]._group_writer() is stores[1]._group_writer()
     assert elsewhere._group_writer() is not stores[0]._group_writer()
+
+
+def test_a_write_runs_each_callback_once_on_whichever_side_comes_last():
+    write = group_commit.Write()
+    seen: list = []
+    write.add_done_callback(lambda done: seen.append(("before", done.exception())))
+    assert not write.done() and seen == []
+    error = ConnectionError("down")
+    write.finish(error)
+    write.finish(None)  # the first outcome stands
+    write.add_done_callback(lambda done: seen.append(("after", done.exception())))
+    assert write.done() and seen == [("before", error), ("after", error)]
+
+
+def test_a_write_can_be_waited_for_from_another_thread():
+    write = group_commit.Write()
+    with pytest.raises(TimeoutError):
+        write.exception(timeout=0.01)
+    threading.Timer(0.05, write.finish).start()
+    assert write.exception(timeout=5) is None
