@@ -173,7 +173,8 @@ class Worker:
             logfile=getattr(options, "logfile_path", options.logfile)), result_store_for)
         if options.pool in ("solo", "threads", "gevent"):
             # Tasks run in this process: SUCCESS writes may be grouped
-            # (backends/group_commit.py). Prefork children write their own.
+            # (backends/group_commit.py). Prefork children enable it for
+            # themselves (pools/child.py).
             group_commit.enable()
         self.pool = make_pool(options, runner)
         self.pool.start()

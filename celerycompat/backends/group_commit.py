@@ -12,10 +12,15 @@ order (see `consumer.Consumer._settle`): the message's ack (a result is
 always stored before its message is acked, so a crash in between only
 redelivers), the ``task-succeeded`` event, and a warm shutdown. Writes that
 something reads right after them stay synchronous: chord members (the chord
-counter reads the header results), FAILURE/RETRY/REVOKED, STARTED.
+counter reads the header results), FAILURE/RETRY/REVOKED, STARTED, and
+the SUCCESS of a task with its own ``on_success``/``after_return`` (user
+code that Celery runs after the store; `allow_deferring`).
 
-Only in-process pools defer (solo, threads, gevent): `enable` records the
-pid, so a prefork child, forked later, writes synchronously as before.
+`enable` records the pid, so only the process that called it defers: the
+worker itself for solo, threads and gevent, and each prefork child for its
+own tasks (pools/child.py says ``done`` at once and ``written`` when the
+write lands; the parent holds the settle until then). A process forked
+from one that defers does not, until it enables it for itself.
 
 The pending writes of the current run are collected per thread (per
 greenlet under gevent), and `take` hands them to the runner's `Outcome`.
@@ -54,7 +59,17 @@ def disable() -> None:
 
 
 def enabled() -> bool:
-    return _enabled_pid is not None and _enabled_pid == os.getpid()
+    """Deferring is on in this process, and allowed for the current run."""
+    return (_enabled_pid is not None and _enabled_pid == os.getpid()
+            and getattr(_local, "deferrable", True))
+
+
+def allow_deferring(allowed: bool) -> None:
+    """Set for each run (`TaskRunner`): a task with its own ``on_success`` or
+    ``after_return`` writes synchronously, so the hook (which Celery runs
+    after the store) finds the result stored, and a process that dies in it
+    leaves the result stored, as under Celery."""
+    _local.deferrable = allowed
 
 
 #: Guards every `Write`'s state: callbacks are added on the consumer's

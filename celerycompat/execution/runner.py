@@ -170,6 +170,9 @@ class TaskRunner:
     def _trace(self, task: Task, message: TaskMessage, context: Any,
                started: float) -> Outcome:
         before_start, on_success, after_return, fun = self._task_hooks(task)
+        # The task's own code that runs after its result is stored (Celery's
+        # order) sees it stored: such a task's SUCCESS is not deferred.
+        group_commit.allow_deferring(on_success is None and after_return is None)
         task_id, args, kwargs = message.id, message.args, message.kwargs
         ignore_result = get_actual_ignore_result(task, context)
         store_result = not ignore_result

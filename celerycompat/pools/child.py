@@ -19,7 +19,10 @@ in the same order where a project can observe it:
 4. say ``up``, then run jobs with this process's own `TaskRunner` (results
    are written from here, as Celery's children write them) until told to
    stop, ``--max-tasks-per-child`` or ``--max-memory-per-child`` is reached,
-   or a terminate signal arrives;
+   or a terminate signal arrives. A SUCCESS write may be deferred (group
+   commit, backends/group_commit.py): the child says ``done`` at once, takes
+   its next job, and says ``written`` once the write is stored; before it
+   exits it waits for every write still going;
 5. ``worker_process_shutdown(sender=nodename, pid, exitcode)`` and exit.
 
 The messages are in `celerycompat.pools.procproto`.
@@ -29,19 +32,26 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from celerycompat.backends import group_commit
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import procproto
 
 logger = logging.getLogger("celery.worker.request")
 #: billiard logs through the "multiprocessing" logger, which Celery's app.log configures.
 billiard_logger = logging.getLogger("multiprocessing")
+
+#: Seconds an exiting child waits for its deferred result writes.
+FLUSH_TIMEOUT = 10.0
 
 MAXMEM_USED_FMT = "child process exiting after exceeding memory limit ({0}KiB / {1}KiB)\n"
 
@@ -65,6 +75,8 @@ class ChildConfig:
     loglevel: int | None = None
     logfile: str | None = None
     """The ``--logfile`` template as given (``%i`` still in it)."""
+    group_commit: bool = True
+    """Defer SUCCESS writes to a writer thread in the child (see `_serve`)."""
 
 
 # Process-wide state of the child, read by the signal handlers.
@@ -255,6 +267,8 @@ def child_main(sock: Any, runner: Any, config: ChildConfig,
         runner = runner.for_new_process()
         _init_app(runner.app, config)
         initialised = True
+        if config.group_commit:
+            group_commit.enable()  # this process's own writer, started on first use
         exitcode = _serve(sock, runner, config, pid)
     except SystemExit as exc:
         code = exc.code
@@ -266,6 +280,13 @@ def child_main(sock: Any, runner: Any, config: ChildConfig,
             logger.critical("Pool process %s error: %r", config.name, exc, exc_info=True)
         exitcode = 1
     finally:
+        try:
+            # Results of tasks reported done are stored before we go (a
+            # terminate signal leaves HARD_KILL_GRACE for it; a write cut
+            # off is settled by the parent as a lost worker's).
+            _writes.wait(FLUSH_TIMEOUT)
+        except BaseException:
+            pass
         try:
             if initialised:
                 from celery import signals
@@ -282,11 +303,68 @@ def child_main(sock: Any, runner: Any, config: ChildConfig,
         os._exit(exitcode if isinstance(exitcode, int) else 1)
 
 
+class _PendingWrites:
+    """This child's deferred SUCCESS writes, by job number.
+
+    ``written`` is sent from the writer thread as each write finishes, so
+    every frame goes out under one lock (two threads share the socket).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: Any = None
+        self._writes: dict[int, Any] = {}
+
+    def attach(self, sock: Any) -> None:
+        self._sock = sock
+
+    def send(self, message: tuple) -> None:
+        frame = procproto.dumps(message)
+        with self._lock:
+            self._sock.sendall(frame)
+
+    def track(self, job_no: int, write: Any) -> None:
+        """Say ``written`` for ``job_no`` once ``write`` is done (``done`` was sent)."""
+        self._writes[job_no] = write
+        write.add_done_callback(lambda done: self._written(job_no, done))
+
+    def _written(self, job_no: int, write: Any) -> None:
+        self._writes.pop(job_no, None)
+        error = write.exception()
+        if error is not None:
+            error = _picklable(error)
+        try:
+            self.send(("written", job_no, error))
+        except OSError:
+            pass  # the parent is gone; it settles nothing more
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for write in list(self._writes.values()):
+            try:
+                write.exception(max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                logger.error("%d result write(s) still unfinished at exit", len(self._writes))
+                return
+
+
+def _picklable(error: BaseException) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:
+        return RuntimeError(repr(error))
+
+
+_writes = _PendingWrites()
+
+
 def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
     """The job loop. Returns the exit code."""
-    send = sock.sendall
+    _writes.attach(sock)
+    send = _writes.send
     reader = procproto.FrameReader()
-    send(procproto.dumps(("up", pid)))
+    send(("up", pid))
     completed = 0
     max_tasks = config.max_tasks
     max_memory = config.max_memory_kib or 0
@@ -295,7 +373,7 @@ def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
         if message is None or message[0] == "stop":
             return 0
         _, job_no, task_name, task_message = message
-        send(procproto.dumps(("accepted", job_no)))
+        send(("accepted", job_no))
         try:
             outcome = _run(runner, task_name, task_message)
         except SystemExit as exc:
@@ -307,11 +385,11 @@ def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
             # (with the exception's code), and the process leaves with the
             # code given to ``sys.exit()``, or 0 for a bare ``raise
             # SystemExit``, as billiard's child does.
-            send(procproto.dumps(("exit", job_no, exc.code)))
+            send(("exit", job_no, exc.code))
             code = _sys_exit_code[0]
             raise SystemExit(code if isinstance(code, int) else 0) from None
         except KeyboardInterrupt:
-            send(procproto.dumps(("exit", job_no, 1)))
+            send(("exit", job_no, 1))
             raise SystemExit(1) from None
         completed += 1
         last = False
@@ -326,6 +404,9 @@ def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
                 billiard_logger.warning(MAXMEM_USED_FMT.format(used, max_memory))
                 last, exitcode = True, procproto.EX_RECYCLE
         outcome.retval = None
-        send(procproto.dumps(("done", job_no, outcome, last)))
+        durable, outcome.durable = outcome.durable, None
+        send(("done", job_no, outcome, last, durable is not None))
+        if durable is not None:
+            _writes.track(job_no, durable)
         if last:
             return exitcode

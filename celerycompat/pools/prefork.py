@@ -65,8 +65,10 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from billiard.exceptions import WorkerLostError
 from celery import signals
 
+from celerycompat.backends.group_commit import Write
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
 from celerycompat.pools.base import OnDone
@@ -133,6 +135,8 @@ class Child:
     """``terminate`` signalled it: its exit is not an error (until it takes a new job)."""
     retire: bool = False
     """``pool_restart``: it is asked to exit once idle, and replaced."""
+    writing: dict[int, tuple[Job, Write]] = field(default_factory=dict)
+    """Jobs it reported done whose SUCCESS write it has not confirmed yet."""
 
     @property
     def idle(self) -> bool:
@@ -522,13 +526,23 @@ class PreforkPool:
             elif job.hard:
                 self._add_timer(now + float(job.hard), "hard", job)
         elif kind == "done":
-            _, job_no, outcome, last = message
+            _, job_no, outcome, last, deferred = message
             job = child.job
             child.job = None
             child.last = child.last or bool(last)
             if job is not None and job.no == job_no and not job.handled:
                 job.handled = True
+                if deferred:
+                    # The child stores the result in the background (group
+                    # commit): the consumer settles once it says "written".
+                    outcome.durable = Write()
+                    child.writing[job_no] = (job, outcome.durable)
                 self._report(job.on_done, lambda: outcome)
+        elif kind == "written":
+            _, job_no, error = message
+            pending = child.writing.pop(job_no, None)
+            if pending is not None:
+                pending[1].finish(error)
         elif kind == "exit":
             _, job_no, code = message
             job = child.job
@@ -621,8 +635,10 @@ class PreforkPool:
             self._on_exit(child, procproto.exitcode_from_status(status), now)
 
     def _on_exit(self, child: Child, exitcode: int, now: float) -> None:
+        self._read_rest(child)
         self._on_eof(child)
         child.sock.close()
+        self._lose_writes(child, exitcode)
         self._children.pop(child.pid, None)
         if exitcode not in (0, procproto.EX_RECYCLE) and not (child.controlled
                                                               or child.signalled):
@@ -648,6 +664,39 @@ class PreforkPool:
             return
         text = procproto.worker_lost_text(exitcode, job.no)
         self._report(job.on_done, lambda: self._lost(job, text))
+
+    def _read_rest(self, child: Child) -> None:
+        """What an exited child sent that the selector has not read yet (a
+        periodic reap can come first): its last ``written`` reports."""
+        if child.eof:
+            return
+        try:
+            child.sock.setblocking(False)
+            while True:
+                data = child.sock.recv(1 << 16)
+                if not data:
+                    return
+                for message in child.reader.feed(data):
+                    self._on_message(child, message)
+        except OSError:  # nothing more (BlockingIOError) or a broken socket
+            return
+
+    def _lose_writes(self, child: Child, exitcode: int) -> None:
+        """Writes the child never confirmed: settled as a lost worker's job.
+
+        `failures.worker_lost` finds a SUCCESS that did land (then the write
+        counts as done) and otherwise stores WorkerLostError, as Celery does
+        for a child that dies before its result is stored.
+        """
+        writing, child.writing = child.writing, {}
+        for job, write in writing.values():
+            text = procproto.worker_lost_text(exitcode, job.no)
+            lost: list[Outcome] = []
+            self._report(lost.append, lambda job=job, text=text: self._lost(job, text))
+            if lost and lost[0].state is State.SUCCESS:
+                write.finish()
+            else:
+                write.finish(WorkerLostError(text))
 
     def _maintain(self, now: float) -> None:
         while len(self._children) < self.limit and now >= self._respawn_at:

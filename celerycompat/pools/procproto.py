@@ -16,9 +16,13 @@ Child -> parent::
 
     ("up", pid)                                initialised, worker_process_init sent
     ("accepted", job_no)                       the task starts now (time limits start)
-    ("done", job_no, Outcome, last)            finished; ``Outcome.retval`` is dropped,
+    ("done", job_no, Outcome, last, deferred)  finished; ``Outcome.retval`` is dropped,
                                                ``last``: the child exits after this
-                                               (max tasks / max memory reached)
+                                               (max tasks / max memory reached),
+                                               ``deferred``: its SUCCESS is still being
+                                               written (group commit)
+    ("written", job_no, error)                 the deferred write of ``job_no`` is done
+                                               (``error`` None) or failed
     ("exit", job_no, code)                     the task itself raised SystemExit(code);
                                                the child exits after this
 

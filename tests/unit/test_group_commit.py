@@ -23,6 +23,7 @@ def _clean():
     group_commit.take()
     yield
     group_commit.disable()
+    group_commit.allow_deferring(True)
     group_commit.take()
 
 
@@ -173,3 +174,16 @@ def test_a_write_can_be_waited_for_from_another_thread():
         write.exception(timeout=0.01)
     threading.Timer(0.05, write.finish).start()
     assert write.exception(timeout=5) is None
+
+
+def test_a_run_may_forbid_deferring_in_its_thread_only():
+    group_commit.enable()
+    group_commit.allow_deferring(False)
+    assert not group_commit.enabled()
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(group_commit.enabled()))
+    thread.start()
+    thread.join()
+    assert other == [True]
+    group_commit.allow_deferring(True)
+    assert group_commit.enabled()

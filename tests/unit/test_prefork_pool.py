@@ -23,6 +23,7 @@ from celery import Celery
 from hypothesis import given
 from hypothesis import strategies as st
 
+from celerycompat.backends import group_commit
 from celerycompat.execution.outcome import Outcome, Settle, State, settle
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools import procproto
@@ -292,6 +293,93 @@ def test_warm_stop_waits_for_children(make_pool):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+# --------------------------------------------------------------------------
+# Deferred SUCCESS writes (group commit) in the children
+# --------------------------------------------------------------------------
+
+
+def _deferred_writes(items):
+    """The children's writer: how long a write takes is the task's result."""
+    for _task_id, result in items:
+        time.sleep({"slow": 0.3, "stuck": 60}.get(result, 0))
+    return [None] * len(items)
+
+
+class DeferringStore(RecordingStore):
+    """Defers SUCCESS as the Redis store does, when group commit is on."""
+
+    def mark_as_done(self, task_id, result, request=None, store_result=True):
+        if group_commit.enabled():
+            writer = group_commit.shared_writer("test-deferring", _deferred_writes)
+            group_commit.add_pending(writer.submit((task_id, result)))
+
+
+@pytest.fixture
+def deferring_pool(app):
+    @app.task(name="t.value", shared=False)
+    def value(v):
+        return v
+
+    class WithAfterReturn(app.Task):
+        def after_return(self, *args):
+            pass
+
+    @app.task(name="t.hooked", base=WithAfterReturn, shared=False)
+    def hooked(v):
+        return v
+
+    pools = []
+
+    def store_for(app, backend):
+        return DeferringStore(backend)
+
+    def make(limit=1):
+        runner = TaskRunner(app, RunSettings(hostname="t@h"), store_for)
+        pool = PreforkPool(runner, limit, hostname="t@h")
+        pool.start()
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.stop(wait=False)
+
+
+def test_a_child_reports_done_before_its_result_is_stored(deferring_pool):
+    pool = deferring_pool()
+    outcome = run(pool, message("t.value", ("slow",)))
+    assert outcome.state is State.SUCCESS
+    assert outcome.durable is not None and not outcome.durable.done()
+    # The child is free meanwhile: the next task runs before the write ends.
+    assert run(pool, message("t.value", ("fast",))).state is State.SUCCESS
+    assert not outcome.durable.done()
+    assert outcome.durable.exception(timeout=5) is None
+
+
+def test_a_task_with_its_own_after_return_stores_before_it(deferring_pool):
+    pool = deferring_pool()
+    assert run(pool, message("t.hooked", ("slow",))).durable is None
+    assert run(pool, message("t.value", ("fast",))).durable is not None
+
+
+def test_a_warm_stop_waits_for_the_childrens_writes(deferring_pool):
+    pool = deferring_pool()
+    outcome = run(pool, message("t.value", ("slow",)))
+    pool.stop(wait=True)
+    assert outcome.durable.done() and outcome.durable.exception() is None
+
+
+def test_a_write_cut_off_by_a_dead_child_is_a_lost_worker(deferring_pool):
+    pool = deferring_pool()
+    msg = message("t.value", ("stuck",))
+    outcome = run(pool, msg)
+    [pid] = pool.processes
+    os.kill(pid, signal.SIGKILL)
+    error = outcome.durable.exception(timeout=10)
+    assert isinstance(error, WorkerLostError)
+    assert str(error) == "Worker exited prematurely: signal 9 (SIGKILL) Job: 0."
 
 
 # --------------------------------------------------------------------------
