@@ -32,6 +32,7 @@ command that produced them.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import statistics
@@ -92,7 +93,12 @@ def client(broker: str, queue: str, ignore_result: bool = False) -> Any:
 
     if app.conf.broker_url != broker:
         # Connection and producer pools are built for the first broker used.
+        # kombu also keeps producer pools per broker URL in a global
+        # registry, which would hand the closed one back on switching back.
+        from kombu import pools
+
         app.pool.force_close_all()
+        pools.reset()
         app._pool = None
         app.amqp._producer_pool = None
     app.conf.update(broker_url=broker, task_default_queue=queue,
@@ -271,6 +277,10 @@ def main() -> int:
     args = parser.parse_args()
     for name in args.scenarios:
         title, make, kinds = SCENARIOS[name]
+        if "dramatiq" in kinds and importlib.util.find_spec("dramatiq") is None:
+            print(f"\n{name}: Dramatiq is not installed, so it is left out of this "
+                  "run (pip install -e '.[bench]')", flush=True)
+            kinds = tuple(kind for kind in kinds if kind != "dramatiq")
         run = make(args)
         samples: dict[str, list[dict]] = {kind: [] for kind in kinds}
         try:
