@@ -10,6 +10,7 @@ faster native adapter must match.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import time
 from typing import Any, Callable, Sequence
@@ -27,6 +28,8 @@ logger = logging.getLogger("celery.worker.consumer.connection")
 connect_logger = logging.getLogger("celery.worker.consumer.consumer")
 #: Seconds any socket a lost connection's cleanup opens may block (Celery's value).
 COLLECT_SOCKET_TIMEOUT = 5.0
+#: Frame sets read per poll past the first, while more have already arrived.
+AMQP_BURST = 32
 
 
 class KombuBroker:
@@ -225,6 +228,13 @@ class KombuBroker:
         self._maybe_heartbeat()
         try:
             self.connection.drain_events(timeout=timeout)
+            # py-amqp hands out one frame set per call: read what has
+            # already arrived before the consumer goes round again.
+            for _ in range(AMQP_BURST):
+                sock = self._amqp_socket()
+                if sock is None or not _readable_now(sock):
+                    break
+                self.connection.drain_events(timeout=0)
         except socket.timeout:
             pass
         except self.connection_errors:
@@ -238,6 +248,11 @@ class KombuBroker:
             # dying again on the next poison message.
             logger.critical("Received and deleted a message the transport could not "
                             "decode: %r", exc, exc_info=True)
+
+    def _amqp_socket(self) -> Any:
+        if self.connection.transport.driver_type != "amqp":
+            return None
+        return getattr(self.connection.connection, "sock", None)
 
     def _maybe_heartbeat(self) -> None:
         """AMQP heartbeats, ``broker_heartbeat_checkrate`` times per interval.
@@ -357,6 +372,16 @@ class KombuBroker:
         finally:
             self._consumer = None
             self.connection.release()
+
+
+def _readable_now(sock: Any) -> bool:
+    """Data (or EOF) waiting on ``sock``; poll(), since select() stops at fd 1024."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def to_delivery(message: Message) -> Delivery:
