@@ -8,6 +8,11 @@ printed. Run from the repository root::
 
     .venv/bin/python benchmarks/drain.py --tasks 5000 --repeat 3 --pool threads -c 4
 
+``--kinds ccworker`` runs one side only (to compare two versions of
+ccworker back to back); every run also reports the CPU the worker process
+tree used per task (user + system, from ``wait4``), a steadier figure than
+the wall clock on a noisy machine.
+
 Numbers go to docs/performance.md with the command that produced them;
 tests never assert on time.
 """
@@ -63,7 +68,25 @@ def run_once(kind: str, args: argparse.Namespace) -> float:
         return time.monotonic() - started
     finally:
         worker.send_signal(signal.SIGTERM)
-        worker.wait(30)
+        CPU[kind].append(_cpu_seconds(worker, 30) / args.tasks * 1e6)
+
+
+#: CPU microseconds per task of each run, by kind.
+CPU: dict[str, list[float]] = {kind: [] for kind in COMMANDS}
+
+
+def _cpu_seconds(worker: subprocess.Popen, timeout: float) -> float:
+    """Wait for ``worker`` to exit; the CPU its tree used (children it reaped included)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status, usage = os.wait4(worker.pid, os.WNOHANG)
+        if pid:
+            worker.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        time.sleep(0.02)
+    worker.kill()
+    worker.wait()
+    return float("nan")
 
 
 def main() -> int:
@@ -73,10 +96,13 @@ def main() -> int:
     parser.add_argument("--pool", default="threads")
     parser.add_argument("-c", "--concurrency", type=int, default=4)
     parser.add_argument("--ignore-result", action="store_true")
+    parser.add_argument("--kinds", default=",".join(COMMANDS),
+                        help="which workers to run, comma-separated (default: both)")
     args = parser.parse_args()
-    times: dict[str, list[float]] = {kind: [] for kind in COMMANDS}
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(args.repeat):
-        for kind in COMMANDS:
+        for kind in kinds:
             times[kind].append(run_once(kind, args))
     print(f"drain of {args.tasks} no-op tasks, -P {args.pool} -c {args.concurrency}, "
           f"{'ignore_result' if args.ignore_result else 'results stored'} (Redis)")
@@ -84,9 +110,11 @@ def main() -> int:
     for kind, samples in times.items():
         median = statistics.median(samples)
         rates[kind] = args.tasks / median
+        cpu = ", ".join(f"{c:.0f}" for c in CPU[kind])
         print(f"  {kind:9s} median {median:7.2f}s  {rates[kind]:8.0f} tasks/s  "
-              f"(runs: {', '.join(f'{s:.2f}' for s in samples)})")
-    print(f"  ratio ccworker/celery: {rates['ccworker'] / rates['celery']:.2f}x")
+              f"(runs: {', '.join(f'{s:.2f}' for s in samples)}; CPU us/task: {cpu})")
+    if "ccworker" in rates and "celery" in rates:
+        print(f"  ratio ccworker/celery: {rates['ccworker'] / rates['celery']:.2f}x")
     return 0
 
 
