@@ -24,6 +24,9 @@ Scenarios (issue 8):
   p50/p90/p99 (ms).
 * ``startup``: seconds from start to the first task done, with mingle,
   gossip and heartbeats on (Celery's defaults), and idle RSS of the tree.
+* ``eta-hold``: twice ``--tasks`` tasks with a one-hour countdown: seconds
+  until all are held, the RSS holding them, and the warm shutdown that
+  returns them (each run checks that every one came back).
 
 Tests never assert on time; figures go to docs/performance.md with the
 command that produced them.
@@ -237,6 +240,24 @@ def startup() -> Callable:
     return run
 
 
+def eta_hold(count: int) -> Callable:
+    """``count`` tasks with a one-hour countdown: how long until all are held,
+    the tree's RSS holding them, and how long a warm shutdown takes to give
+    them back (benchmarks/eta_hold.py, which also runs on its own)."""
+    import eta_hold as scenario
+
+    options = argparse.Namespace(tasks=count, pool="threads", concurrency=4, eta_task_limit=0)
+
+    def run(kind: str) -> dict:
+        client(REDIS_BROKER, f"bench-{uuid.uuid4().hex[:8]}")  # back on Redis
+        row = scenario.run_once(kind, options)
+        if row["back"] != count:
+            raise RuntimeError(f"{kind}: {row['back']} of {count} ETA tasks came back")
+        return {"s until all held": row["held_after"], "RSS MiB holding": row["rss_mib"],
+                "warm shutdown s": row["stop_seconds"]}
+    return run
+
+
 SCENARIOS: dict[str, tuple[str, Callable[[argparse.Namespace], Callable], tuple]] = {
     "drain-results": ("no-op drain, results stored, Redis, -P threads -c 4",
                       lambda a: drain("threads", 4, count=a.tasks), ("celery", "ccworker")),
@@ -265,6 +286,8 @@ SCENARIOS: dict[str, tuple[str, Callable[[argparse.Namespace], Callable], tuple]
                         lambda a: latency("prefork", 2), ("celery", "ccworker")),
     "startup": ("start to first task done, mingle/gossip/heartbeat on, prefork -c 2",
                 lambda a: startup(), ("celery", "ccworker")),
+    "eta-hold": ("ETA tasks held (2 x --tasks, one-hour countdown), threads -c 4, Redis",
+                 lambda a: eta_hold(a.tasks * 2), ("celery", "ccworker")),
 }
 
 
