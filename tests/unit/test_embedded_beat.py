@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import click
 import pytest
-from celery import Celery
+from celery import Celery, signals
 from celery.beat import PersistentScheduler
 from celery.worker.components import ERR_B_GREEN
 
@@ -89,17 +89,30 @@ def test_stop_saves_the_schedule_and_ends_the_child(tmp_path) -> None:
     app = Celery("beatunit", broker="memory://", set_as_current=False)
     app.conf.beat_schedule = {"every-second": {"task": "beatunit.noop", "schedule": 1.0}}
     filename = str(tmp_path / "schedule")
+    ticked = tmp_path / "ticked"
+
+    def first_send(**_: object) -> None:  # runs in the forked child
+        ticked.touch()
+
+    # The child's scheduler has merged the entries into its shelve once it
+    # sends its first task. Waiting for the file alone was a race: under CI
+    # load the stop could come between the shelve's creation and the merge,
+    # and the child then saved an empty schedule.
+    signals.before_task_publish.connect(first_send, weak=False)
     service = beat.EmbeddedBeat(app, filename, "celery.beat:PersistentScheduler")
-    service.start()
-    pid = service.pid
-    assert pid and pid != os.getpid()
     try:
-        # The child opens its shelve when its loop starts; stop it after that.
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not list(tmp_path.glob("schedule*")):
-            time.sleep(0.05)
+        service.start()
+        pid = service.pid
+        assert pid and pid != os.getpid()
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not ticked.exists():
+                time.sleep(0.05)
+            assert ticked.exists(), "the embedded beat never sent its first task"
+        finally:
+            service.stop(timeout=20)
     finally:
-        service.stop(timeout=20)
+        signals.before_task_publish.disconnect(first_send)
     service.stop()
     assert service.service is None
     with pytest.raises(ProcessLookupError):
