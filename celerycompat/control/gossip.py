@@ -109,6 +109,8 @@ class Gossip:
             self.state.event(event)
         except (DecodeError, ContentDisallowed, TypeError, KeyError, AttributeError) as exc:
             logger.error("gossip: unusable event: %r", exc)
+        except Exception as exc:  # noqa: BLE001 - never into kombu's event loop
+            logger.error("gossip: could not handle an event: %r", exc, exc_info=True)
 
     def _joined(self, worker: Any) -> None:
         logger.debug("%s joined the party", worker.hostname)
@@ -133,6 +135,7 @@ class Gossip:
             return
         heapq.heappush(self.consensus_requests[election_id], request)
         self.dispatcher.send("worker-elect-ack", id=election_id)
+        self._maybe_decide(election_id)
 
     def on_elect_ack(self, event: dict) -> None:
         election_id = event.get("id")
@@ -140,10 +143,30 @@ class Gossip:
         if replies is None:
             return  # not ours
         replies.append(event.get("hostname"))
-        if len(replies) < len(set(self.state.alive_workers())):
+        self._maybe_decide(election_id)
+
+    def _maybe_decide(self, election_id: Any) -> None:
+        """Decide once every live node acked (Celery's rule) and the requests
+        can be compared.
+
+        kombu's ``sort_heap`` reads the first two requests, so Celery's
+        Gossip raises IndexError inside the event loop when the acks come
+        in before a second request (CI saw it on a loaded machine); the
+        event is lost there. Here a decision waits for two requests (one
+        when this node knows no other), and the request or ack that
+        completes them decides.
+        """
+        replies = self.consensus_replies.get(election_id)
+        requests = self.consensus_requests.get(election_id)
+        if replies is None or not requests:
             return
-        _, leader, topic, action = self.app.clock.sort_heap(
-            self.consensus_requests[election_id])
+        alive = len(set(self.state.alive_workers()))
+        if len(replies) < alive or len(requests) < min(2, alive + 1):
+            return
+        if len(requests) == 1:
+            _, leader, topic, action = requests[0]
+        else:
+            _, leader, topic, action = self.app.clock.sort_heap(requests)
         if leader == self.full_hostname:
             logger.info("I won the election %r", election_id)
             handler = self.election_handlers.get(topic)
