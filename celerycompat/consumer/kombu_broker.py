@@ -10,7 +10,6 @@ faster native adapter must match.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import time
 from typing import Any, Callable, Sequence
@@ -20,7 +19,7 @@ from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
 from celerycompat.consumer.broker import ConnectStopped, Delivery, DeliveryCallback
-from celerycompat.consumer.liveness import break_sockets, guarded, kombu_sockets
+from celerycompat.consumer.liveness import break_sockets, guarded, kombu_sockets, readable
 from celerycompat.consumer.redis_lease import LeaseKeeper, redis_lease_for
 
 logger = logging.getLogger("celery.worker.consumer.connection")
@@ -230,9 +229,9 @@ class KombuBroker:
             self.connection.drain_events(timeout=timeout)
             # py-amqp hands out one frame set per call: read what has
             # already arrived before the consumer goes round again.
-            for _ in range(AMQP_BURST):
-                sock = self._amqp_socket()
-                if sock is None or not _readable_now(sock):
+            sock = self._amqp_socket()
+            for _ in range(AMQP_BURST if sock is not None else 0):
+                if not readable([sock], 0):
                     break
                 self.connection.drain_events(timeout=0)
         except socket.timeout:
@@ -372,16 +371,6 @@ class KombuBroker:
         finally:
             self._consumer = None
             self.connection.release()
-
-
-def _readable_now(sock: Any) -> bool:
-    """Data (or EOF) waiting on ``sock``; poll(), since select() stops at fd 1024."""
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return False
 
 
 def to_delivery(message: Message) -> Delivery:

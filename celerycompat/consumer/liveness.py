@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -212,6 +213,26 @@ def break_sockets(socks: Iterable[Any]) -> int:
         except (OSError, ValueError):
             pass
     return broken
+
+
+def readable(socks: Iterable[Any], timeout: float) -> list[Any]:
+    """The sockets among ``socks`` with data to read within ``timeout`` seconds.
+
+    ``poll`` rather than ``select``: a worker holding more than 1024 file
+    descriptors (gevent with many connections, a test process) would make
+    ``select`` fail with "filedescriptor out of range". Under gevent's monkey
+    patching ``poll`` is gone and ``select`` is gevent's own, which has no
+    such limit.
+    """
+    if not hasattr(select, "poll"):
+        return select.select(list(socks), [], [], timeout)[0]
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        fd = sock.fileno()
+        by_fd[fd] = sock
+        poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
+    return [by_fd[fd] for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))]
 
 
 def _unique(socks: Iterable[Any]) -> list[Any]:

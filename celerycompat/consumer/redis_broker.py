@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import select
 import time
 from importlib import resources
 from typing import Any, Sequence
@@ -49,7 +48,7 @@ from redis.exceptions import ResponseError
 
 from celerycompat.consumer.broker import Delivery, DeliveryCallback
 from celerycompat.consumer.kombu_broker import KombuBroker, to_delivery
-from celerycompat.consumer.liveness import break_sockets, guarded
+from celerycompat.consumer.liveness import break_sockets, guarded, readable
 from celerycompat.consumer.redis_lease import LeaseKeeper, plain_client
 
 logger = logging.getLogger("celery.worker.consumer.connection")
@@ -669,26 +668,6 @@ class RedisBroker(KombuBroker):
                 self._client.connection_pool.release(blocking)
             except Exception:
                 pass
-
-
-def readable(socks: Sequence[Any], timeout: float) -> list[Any]:
-    """The sockets among ``socks`` with data to read within ``timeout`` seconds.
-
-    ``poll`` rather than ``select``: a worker holding more than 1024 file
-    descriptors (gevent with many connections, a test process) would make
-    ``select`` fail with "filedescriptor out of range". Under gevent's monkey
-    patching ``poll`` is gone and ``select`` is gevent's own, which has no
-    such limit.
-    """
-    if not hasattr(select, "poll"):
-        return select.select(list(socks), [], [], timeout)[0]
-    poller = select.poll()
-    by_fd = {}
-    for sock in socks:
-        fd = sock.fileno()
-        by_fd[fd] = sock
-        poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP)
-    return [by_fd[fd] for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))]
 
 
 def _server_version(client: Any) -> tuple[int, ...]:

@@ -188,12 +188,12 @@ def make_pool(app):
     pools = []
     stores = []
 
-    def store_for(app, backend):
-        store = RecordingStore(backend)
-        stores.append(store)
-        return store
+    def make(limit=2, store_class=None, **kwargs):
+        def store_for(app, backend):
+            store = (store_class or RecordingStore)(backend)
+            stores.append(store)
+            return store
 
-    def make(limit=2, **kwargs):
         runner = TaskRunner(app, RunSettings(hostname="t@h"), store_for)
         pool = PreforkPool(runner, limit, hostname="t@h", **kwargs)
         pool.start()
@@ -317,7 +317,7 @@ class DeferringStore(RecordingStore):
 
 
 @pytest.fixture
-def deferring_pool(app):
+def deferring_pool(app, make_pool):
     @app.task(name="t.value", shared=False)
     def value(v):
         return v
@@ -330,21 +330,7 @@ def deferring_pool(app):
     def hooked(v):
         return v
 
-    pools = []
-
-    def store_for(app, backend):
-        return DeferringStore(backend)
-
-    def make(limit=1):
-        runner = TaskRunner(app, RunSettings(hostname="t@h"), store_for)
-        pool = PreforkPool(runner, limit, hostname="t@h")
-        pool.start()
-        pools.append(pool)
-        return pool
-
-    yield make
-    for pool in pools:
-        pool.stop(wait=False)
+    return lambda limit=1: make_pool(limit, store_class=DeferringStore)
 
 
 def test_a_child_reports_done_before_its_result_is_stored(deferring_pool):
