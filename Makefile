@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo cluster test lint
+.PHONY: demo cluster test test-quick lint
 
 $(BIN)/ccworker: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,10 +20,28 @@ demo: $(BIN)/ccworker
 cluster: $(BIN)/ccworker
 	$(BIN)/python docker/cluster.py
 
-# Unit and interop tests (needs Redis and RabbitMQ, see README).
+# Unit and interop tests (needs Redis and RabbitMQ, see README). Two parts:
+# every module not marked `serial` on JOBS processes side by side (whole
+# modules per process, so a module's shared workers stay one process's), then
+# the `serial` ones (their own broker nodes, restarts, kills) alone. Both
+# parts always run; the target fails if either did. tests/README.md has the
+# time budget and the ways to run less.
+JOBS ?= 4
+PYTEST := $(BIN)/python -m pytest
+
 test: $(BIN)/ccworker
 	$(BIN)/ruff check celerycompat tests benchmarks docker
-	$(BIN)/python -m pytest tests -q
+	@status=0; \
+	$(PYTEST) tests -q -n $(JOBS) --dist loadfile -m "not serial" || status=$$?; \
+	$(PYTEST) tests -q -m serial || status=$$?; \
+	exit $$status
+
+# What to run before a commit (about 2 minutes): the unit tests and the
+# foundation scenarios on both brokers.
+test-quick: $(BIN)/ccworker
+	$(BIN)/ruff check celerycompat tests benchmarks docker
+	$(PYTEST) tests/unit tests/interop/test_foundation_differential.py \
+		tests/interop/test_foundation_wire.py -q -n $(JOBS) --dist loadfile
 
 lint: $(BIN)/ccworker
 	$(BIN)/ruff check celerycompat tests benchmarks docker

@@ -64,11 +64,32 @@ WORKER_KINDS = ("celery", "ccworker")
 #: run-to-run noise, so a celery/ccworker difference is a real one.
 ALL_KINDS = (*WORKER_KINDS, "celery2")
 
-#: Redis databases: the broker and the results are kept apart (and away from
-#: db 0, which developers use by hand) so a stray FLUSHDB in one never eats
-#: the other, and so the tests can count broker keys without seeing results.
-BROKER_DB = 10
-RESULT_DB = 11
+#: Redis databases, three per pytest process: the broker, the results and a
+#: scratch db for the tests that FLUSHDB or need a db no worker of theirs
+#: shares (mingle alone, the cluster script, the native result stores). The
+#: broker and the results are kept apart (and away from db 0, which
+#: developers use by hand) so a stray FLUSHDB in one never eats the other,
+#: and so the tests can count broker keys without seeing results. Under
+#: pytest-xdist each process of the run (``gw0``, ``gw1``, ...) gets its own
+#: three (kombu prefixes its fanout channels, the pidbox and events, with the
+#: db number, so broadcasts stay inside them too); a run without xdist keeps
+#: 10, 11 and 12, the defaults the test projects fall back to.
+DB_SLOTS = ((1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12), (13, 14, 15))
+
+
+def _redis_dbs() -> tuple:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker:
+        return DB_SLOTS[3]
+    index = int(worker.lstrip("gw"))
+    if index >= len(DB_SLOTS):
+        raise RuntimeError(
+            f"pytest-xdist process {worker}: Redis's 16 dbs give {len(DB_SLOTS)} "
+            f"isolated processes at most (-n {len(DB_SLOTS)})")
+    return DB_SLOTS[index]
+
+
+BROKER_DB, RESULT_DB, SCRATCH_DB = _redis_dbs()
 
 READY_TIMEOUT = float(os.environ.get("CC_READY_TIMEOUT", "40"))
 GET_TIMEOUT = float(os.environ.get("CC_GET_TIMEOUT", "20"))

@@ -19,23 +19,20 @@ from celery import Celery, states
 from celery.app.task import Context
 from celery.backends.base import decompress_payload
 
+import harness
 from celerycompat.backends import AppBackendStore, result_store_for
 from celerycompat.backends.redis import RedisResultStore
 from celerycompat.backends.rpc import RPCResultStore
 
-REDIS_URL = "redis://127.0.0.1:6379/9"
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+#: The scratch db of this pytest process: every test here FLUSHes it.
+REDIS_URL = harness.redis_db_url(harness.SCRATCH_DB)
+AMQP_URL = harness.amqp_url()
 ALL_CONTENT = ["json", "msgpack", "yaml", "pickle"]
 
 
-def _redis_available() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_available(), reason="no Redis on 127.0.0.1:6379")
+# A missing broker ends the session (conftest), as for every interop test:
+# never a skip, so a green run always compared something.
+pytestmark = [pytest.mark.interop, pytest.mark.usefixtures("redis_available")]
 
 
 @pytest.fixture
@@ -334,18 +331,8 @@ def test_native_write_throughput_vs_celery(rdb, capsys):
 
 # ------------------------------------------------------------------ RPC
 
-def _amqp_available() -> bool:
-    import kombu
-
-    try:
-        with kombu.Connection(AMQP_URL, connect_timeout=1) as conn:
-            conn.connect()
-        return True
-    except Exception:
-        return False
-
-
-needs_amqp = pytest.mark.skipif(not _amqp_available(), reason="no RabbitMQ on 127.0.0.1:5672")
+#: RabbitMQ reachable, or the session ends (conftest's ``amqp_broker_url``).
+needs_amqp = pytest.mark.usefixtures("amqp_broker_url")
 
 
 def rpc_app(**conf) -> Celery:

@@ -32,7 +32,7 @@ from test_faults import RabbitNode, free_port, wait_until
 
 import harness
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.interop, pytest.mark.serial, pytest.mark.timeout(300)]
 
 
 # --------------------------------------------------------------------------

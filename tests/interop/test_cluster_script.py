@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
 SCRIPT = harness.REPO_ROOT / "docker" / "cluster.py"
 #: A database no other test uses: the cluster consumes the default ``celery``
 #: queue, as the example does.
-CLUSTER_DB = 12
+CLUSTER_DB = harness.SCRATCH_DB
 
 
 def free_port() -> int:

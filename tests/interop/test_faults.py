@@ -70,7 +70,7 @@ import redis
 import harness
 from celerycompat.consumer.redis_broker import readable
 
-pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.interop, pytest.mark.serial, pytest.mark.timeout(240)]
 
 PROJECT = "proj_faults"
 RESTARTS = 5

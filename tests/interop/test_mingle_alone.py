@@ -20,7 +20,7 @@ import harness
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(120)]
 
 #: A Redis db no other test binds a pidbox queue in.
-ALONE_DB = 8
+ALONE_DB = harness.SCRATCH_DB
 
 
 def test_alone_logs_as_celery_and_runs_the_first_task(interop_log_dir, redis_available):
