@@ -35,6 +35,10 @@ COMPATIBLE_TRANSPORTS = frozenset({"amqp", "redis"})
 CHECK_INTERVAL = 5.0
 #: Celery's default ``heartbeat_interval`` for the receiver queue's TTL.
 QUEUE_TTL = 2.0
+#: How long an ack of another node's election request waits for this node's
+#: own request (see `Gossip.on_elect`) when that never comes (remote
+#: control off, or this node not addressed).
+ACK_HOLD = 1.0
 
 
 class Gossip:
@@ -53,6 +57,9 @@ class Gossip:
         self.election_handlers: dict[str, Callable[[Any], None]] = {"task": self._call_task}
         self._clock = clock
         self._next_check = clock() + CHECK_INTERVAL
+        #: Acks held back until this node's own request is out: election id ->
+        #: [when to send them anyway, how many] (one per request received).
+        self._held_acks: dict[str, list] = {}
         self._consumer: Any = None
         self._channel: Any = None
 
@@ -80,8 +87,12 @@ class Gossip:
                 logger.debug("closing the gossip consumer failed", exc_info=True)
 
     def tick(self) -> None:
-        """On the consumer loop: every 5 s, forget nodes whose heartbeats stopped."""
+        """On the consumer loop: send held acks that waited long enough; every
+        5 s, forget nodes whose heartbeats stopped."""
         now = self._clock()
+        for election_id, (due, _) in list(self._held_acks.items()):
+            if now >= due:
+                self._send_held_acks(election_id)
         if now < self._next_check:
             return
         self._next_check = now + CHECK_INTERVAL
@@ -124,6 +135,12 @@ class Gossip:
         """Start an election (the ``election`` control command)."""
         self.consensus_replies[id] = []
         self.dispatcher.send("worker-elect", id=id, topic=topic, action=action, cver=1)
+        self._send_held_acks(id)
+
+    def _send_held_acks(self, election_id: str) -> None:
+        _, count = self._held_acks.pop(election_id, (None, 0))
+        for _ in range(count):
+            self.dispatcher.send("worker-elect-ack", id=election_id)
 
     def on_elect(self, event: dict) -> None:
         try:
@@ -134,7 +151,18 @@ class Gossip:
             logger.error("election request missing field %s", exc)
             return
         heapq.heappush(self.consensus_requests[election_id], request)
-        self.dispatcher.send("worker-elect-ack", id=election_id)
+        if election_id in self.consensus_replies:
+            self.dispatcher.send("worker-elect-ack", id=election_id)
+        else:
+            # Another node's request came before this node's own (the
+            # ``election`` broadcast reaches the nodes at different times).
+            # Celery acks at once; a Celery peer that receives this ack before
+            # our request decides on a one-request heap and dies of kombu's
+            # IndexError (see `_maybe_decide`), which two Celery workers also
+            # risk. Sending our request first (`election`), or after
+            # ACK_HOLD, keeps the peer's heap at two.
+            held = self._held_acks.setdefault(election_id, [self._clock() + ACK_HOLD, 0])
+            held[1] += 1
         self._maybe_decide(election_id)
 
     def on_elect_ack(self, event: dict) -> None:

@@ -3,16 +3,18 @@
 A Celery worker and a ccworker run with gossip and heartbeats on (Celery's
 defaults). An ``election`` broadcast (``app.control.election`` with a task
 signature as its action) makes exactly one node of the two run the task,
-whichever wins; then the Celery worker is killed (SIGKILL: no offline
-event) and the ccworker logs ``missed heartbeat from <node>`` as a Celery
-worker does. Redis and RabbitMQ.
+whichever wins. A Celery worker killed with SIGKILL (no offline event) is
+logged by the ccworker as ``missed heartbeat from <node>``, as a Celery
+worker logs it. Redis and RabbitMQ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from typing import Iterator
 
 import pytest
 import redis
@@ -32,8 +34,10 @@ class GossipSpec(harness.WorkerSpec):
                 if flag not in ("--without-gossip", "--without-heartbeat")]
 
 
-@pytest.mark.parametrize("broker_name", ["redis", "amqp"])
-def test_election_and_lost_node(broker_name, request, interop_log_dir):
+@contextlib.contextmanager
+def gossiping_pair(broker_name: str, request, log_dir) -> Iterator[tuple]:
+    """A Celery worker and a ccworker with gossip and heartbeats on, both ready
+    and past a couple of heartbeats (each node knows the other is alive)."""
     if broker_name == "redis":
         request.getfixturevalue("redis_available")
         broker = harness.BrokerEnv("redis", harness.redis_db_url(harness.BROKER_DB))
@@ -43,36 +47,57 @@ def test_election_and_lost_node(broker_name, request, interop_log_dir):
     queue = f"ccit.gossip.{harness.new_token()}"
     spec = GossipSpec(project=PROJECT, pool="threads", concurrency=2,
                       env=(("CC_TEST_QUEUE", queue),))
-    celery_worker = harness.WorkerProcess("celery", spec, broker, interop_log_dir).start()
-    ccworker = harness.WorkerProcess("ccworker", spec, broker, interop_log_dir).start()
+    celery_worker = harness.WorkerProcess("celery", spec, broker, log_dir).start()
+    ccworker = harness.WorkerProcess("ccworker", spec, broker, log_dir).start()
     request.node._cc_workers = [celery_worker, ccworker]
-    store = redis.Redis.from_url(broker.results_url)
-    env = {"CC_TEST_BROKER": broker.url, "CC_TEST_BACKEND": broker.results_url,
-           "CC_TEST_QUEUE": queue, "CC_TEST_RECORD_URL": broker.results_url}
     try:
         celery_worker.wait_ready()
         ccworker.wait_ready()
-        time.sleep(5.0)  # a couple of heartbeats: each node knows the other is alive
-        with harness.client_app(PROJECT, env) as app:
-            action = app.signature(f"{PROJECT}.tasks.work", args=(queue, 0), queue=queue)
-            app.control.election(f"elect-{queue}", "task", action=dict(action))
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and not store.hlen(f"ccit.migrate.runs.{queue}"):
-                time.sleep(0.1)
-            time.sleep(2.0)  # room for a second, wrong, run
-            runs = store.hlen(f"ccit.migrate.runs.{queue}")
-        logs = celery_worker.log() + ccworker.log()
-        assert runs == 1
-        assert logs.count("I won the election") == 1
-        os.killpg(celery_worker.proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        missed = f"missed heartbeat from {celery_worker.nodename}"
-        while time.monotonic() < deadline and missed not in ccworker.log():
-            time.sleep(0.2)
-        assert missed in ccworker.log()
-        assert ccworker.alive()
+        time.sleep(5.0)  # a couple of heartbeats: no event says "known alive"
+        yield broker, queue, celery_worker, ccworker
     finally:
         celery_worker.stop()
         ccworker.stop()
-        store.delete(f"ccit.migrate.runs.{queue}")
-        store.close()
+
+
+@pytest.mark.parametrize("broker_name", ["redis", "amqp"])
+def test_election_runs_the_action_once(broker_name, request, interop_log_dir):
+    """Exactly one node of the two runs the elected action.
+
+    Celery's own Gossip step can die of kombu's IndexError in an election
+    (an ack, its own included, that comes back before the peer's request:
+    docs/compat.md); it still decides on a later ack, so the action runs
+    once. That is why this test does not go on to kill that worker: a worker
+    that died of it has said goodbye, and no heartbeat is "missed".
+    """
+    with gossiping_pair(broker_name, request, interop_log_dir) as (
+            broker, queue, celery_worker, ccworker):
+        store = redis.Redis.from_url(broker.results_url)
+        env = {"CC_TEST_BROKER": broker.url, "CC_TEST_BACKEND": broker.results_url,
+               "CC_TEST_QUEUE": queue, "CC_TEST_RECORD_URL": broker.results_url}
+        try:
+            with harness.client_app(PROJECT, env) as app:
+                action = app.signature(f"{PROJECT}.tasks.work", args=(queue, 0), queue=queue)
+                app.control.election(f"elect-{queue}", "task", action=dict(action))
+                harness.wait_until(lambda: store.hlen(f"ccit.migrate.runs.{queue}"), 20)
+                time.sleep(2.0)  # room for a second, wrong, run
+                runs = store.hlen(f"ccit.migrate.runs.{queue}")
+        finally:
+            store.delete(f"ccit.migrate.runs.{queue}")
+            store.close()
+        logs = celery_worker.log() + ccworker.log()
+        assert runs == 1
+        assert logs.count("I won the election") == 1
+        assert ccworker.alive()
+
+
+@pytest.mark.parametrize("broker_name", ["redis", "amqp"])
+def test_a_killed_node_is_a_missed_heartbeat(broker_name, request, interop_log_dir):
+    """SIGKILL (no offline event): the ccworker logs Celery's line for it."""
+    with gossiping_pair(broker_name, request, interop_log_dir) as (
+            _, _, celery_worker, ccworker):
+        os.killpg(celery_worker.proc.pid, signal.SIGKILL)
+        missed = f"missed heartbeat from {celery_worker.nodename}"
+        harness.wait_until(lambda: missed in ccworker.log(), 30, interval=0.2)
+        assert missed in ccworker.log()
+        assert ccworker.alive()

@@ -89,3 +89,29 @@ def test_with_a_live_peer_one_request_is_not_enough():
     gossip.on_elect(request("other@host", 7, clock=4))
     assert won == [{"task": "t"}]  # me@host.100 has the lower clock
     assert "e1" not in gossip.consensus_replies
+
+
+def test_a_peer_request_before_our_own_is_acked_after_our_request():
+    """A Celery peer that gets our ack before our request decides on one
+    request and dies of IndexError: our request goes out first."""
+    gossip, _ = make_gossip()
+    gossip.on_elect(request("other@host", 7, clock=5))
+    assert gossip.dispatcher.sent == []
+    gossip.on_elect(request("third@host", 8, clock=6))
+    gossip.election("e1", "task", action={"task": "t"})
+    assert [kind for kind, _ in gossip.dispatcher.sent] == [
+        "worker-elect", "worker-elect-ack", "worker-elect-ack"]
+
+
+def test_held_acks_go_after_the_hold_when_no_election_of_ours_comes():
+    now = [100.0]
+    app = Celery("gossipunit", broker="memory://", set_as_current=False)
+    gossip = Gossip(app, "me@host", 100, SentEvents(), clock=lambda: now[0])
+    gossip.on_elect(request("other@host", 7, clock=5))
+    gossip.tick()
+    assert gossip.dispatcher.sent == []
+    now[0] += 1.01
+    gossip.tick()
+    assert gossip.dispatcher.sent == [("worker-elect-ack", {"id": "e1"})]
+    gossip.tick()
+    assert len(gossip.dispatcher.sent) == 1
