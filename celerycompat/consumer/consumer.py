@@ -31,6 +31,7 @@ from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed, OperationalError
 
+from celerycompat.celery_release import setting as release_setting
 from celerycompat.consumer.broker import Broker, ConnectStopped, Delivery
 from celerycompat.consumer.liveness import break_sockets, kombu_sockets, watchdog
 from celerycompat.consumer.ratelimits import RateLimits
@@ -237,7 +238,7 @@ class Consumer:
         #: ``--disable-prefetch``: the broker may deliver only as many messages
         #: as there are slots with nothing waiting for them (`_fetch_room`).
         self.disable_prefetch = disable_prefetch
-        limit = app.conf.get("worker_eta_task_limit")  # Celery >= 5.5
+        limit = release_setting(app.conf, "worker_eta_task_limit")
         #: ``worker_eta_task_limit``: the prefetch count never grows past it.
         self.eta_task_limit: int | None = int(limit) if limit is not None else None
         self.purge = purge
@@ -327,7 +328,7 @@ class Consumer:
         broker = self.broker_factory()
         conf = self.app.conf
         setting = "broker_connection_retry_on_startup" \
-            if first and conf.broker_connection_retry_on_startup is not None \
+            if first and release_setting(conf, "broker_connection_retry_on_startup") is not None \
             else "broker_connection_retry"
         retry = bool(conf[setting])
         try:
@@ -624,6 +625,11 @@ class Consumer:
                 return
         if not self._admit(request):
             self._update_prefetch()
+        elif self.pool.runs_inline:
+            # Celery's solo pool runs each task inside the delivery callback:
+            # a message fetched with others is received only after the one
+            # before it ran (its ``task_received`` after that one's signals).
+            self._start_reserved()
 
     def _admit(self, request: Request) -> bool:
         """Reserve the request, or make it wait for its type's rate-limit token.

@@ -10,6 +10,7 @@ are handled as kombu handles them; close and reject give messages back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -209,3 +210,42 @@ def test_brpop_wakes_for_a_message_published_while_waiting(queue):
     broker.poll(0.2)
     assert len(got) == 1  # cancelled: nothing more is delivered
     broker.close()
+
+
+
+def _signal_order(worker: harness.WorkerProcess, ids: list) -> list:
+    """``(signal, index of the task in ids)`` as the worker's project recorded them."""
+    records = redis.Redis.from_url(worker.broker.results_url)
+    try:
+        return [(name, ids.index(fields["id"]))
+                for name, fields in map(json.loads, records.lrange(worker.record_key, 0, -1))
+                if fields.get("id") in ids]
+    finally:
+        records.close()
+
+
+def test_solo_receives_a_fetched_batch_one_task_at_a_time(redis_available, interop_log_dir):
+    """Tasks queued before a solo worker starts come in one native fetch.
+    Celery's solo pool runs each inside its delivery callback, so the next
+    one is received (``task_received``) only after the one before ran; the
+    signal order must be the same (CI once saw all three received first)."""
+    broker = harness.BrokerEnv("redis", harness.redis_db_url(harness.BROKER_DB))
+    seen = {}
+    for kind in harness.selected_kinds():
+        worker = harness.WorkerProcess(kind, harness.WorkerSpec(), broker, interop_log_dir)
+        try:
+            with harness.client_app("proj_basic", worker.env) as app:
+                ids = [app.tasks["proj_basic.tasks.add"].apply_async((n, n)).id
+                       for n in range(3)]
+                worker.start()
+                harness.wait_until(lambda w=worker, i=ids: sum(
+                    name == "task_postrun" for name, _ in _signal_order(w, i)) == 3, 30)
+                seen[kind] = _signal_order(worker, ids)
+        finally:
+            worker.stop()
+            broker.forget_queue(worker.token, worker.queue)
+            with contextlib.suppress(Exception):
+                redis.Redis.from_url(broker.results_url).delete(worker.record_key)
+    assert seen[harness.selected_kinds()[0]][:3] == [
+        ("task_received", 0), ("task_prerun", 0), ("task_success", 0)], seen
+    harness.assert_same_across_kinds(seen)
