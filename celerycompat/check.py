@@ -56,7 +56,8 @@ class Finding:
     level: str
     """:data:`UNSUPPORTED`, :data:`DIFFERS` or :data:`NOTE`."""
     area: str
-    """``option``, ``pool``, ``setting``, ``bootstep``, ``signal``, ``task`` or ``queue``."""
+    """``option``, ``pool``, ``setting``, ``bootstep``, ``signal``, ``task``, ``queue``,
+    ``version`` or ``broker``."""
     subject: str
     """What in the project or command line (a flag, a setting, a class)."""
     detail: str
@@ -257,7 +258,26 @@ def _autoscale(options: Any) -> Iterator[Finding]:
                       "ccworker resizes the threads pool; Celery's crashes when it scales")
 
 
-CHECKS = (_startup_warnings, _beat, _settings, _bootsteps, _signals, _tasks, _autoscale)
+def _versions(options: Any) -> Iterator[Finding]:
+    """A Celery outside the tested releases, and what falls back on the stack found."""
+    from celerycompat.celery_release import celery_version, support_warning
+    from celerycompat.consumer.redis_broker import missing_channel_attributes
+
+    outside = support_warning(celery_version())
+    if outside:
+        yield Finding(DIFFERS, "version", outside.split(" is ")[0], outside)
+    missing = missing_channel_attributes()
+    if missing and options.app.connection_for_read().transport.driver_type == "redis":
+        import kombu
+
+        yield Finding(NOTE, "broker", "the Redis fast path",
+                      f"off: kombu {kombu.__version__}'s Redis channel lacks "
+                      f"{', '.join(missing)}; tasks are fetched through kombu's own Redis "
+                      "transport, as celery worker fetches them (slower, same behaviour)")
+
+
+CHECKS = (_startup_warnings, _beat, _settings, _bootsteps, _signals, _tasks, _autoscale,
+          _versions)
 
 
 def inspect(options: Any) -> list[Finding]:
@@ -278,6 +298,10 @@ def _summary(options: Any) -> list[str]:
     queues = ", ".join(q.name for q in options.consume_queues) or "-"
     pool = options.pool if options.pool == options.requested_pool else \
         f"{options.pool} (asked for: {options.requested_pool})"
+    import billiard
+    import kombu
+    import redis
+
     lines = [
         f"ccworker check: app {app.main!r} (celery {celery.__version__}, "
         f"celerycompat {__version__})",
@@ -287,6 +311,8 @@ def _summary(options: Any) -> list[str]:
     if options.beat:
         lines.append(f"  beat: embedded, scheduler {options.scheduler}, "
                      f"schedule {options.schedule_filename}")
+    lines.append(f"  found: kombu {kombu.__version__}, redis-py {redis.__version__}, "
+                 f"billiard {billiard.__version__}")
     return lines
 
 

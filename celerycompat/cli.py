@@ -45,6 +45,7 @@ from click.core import ParameterSource
 
 from celerycompat import __version__, apploader, beat, logsetup
 from celerycompat import options as opts
+from celerycompat.celery_release import has_setting
 from celerycompat.nodenames import expand_nodename
 
 PROG = "ccworker"
@@ -457,7 +458,9 @@ def options_from_command_line(cl: CommandLine, boot: bool = False) -> opts.Worke
     app = cl.app
     args = opts.worker_arguments(app, cl.worker_params)
     _send_preload(cl)
-    app.conf.worker_disable_prefetch = args.pop("disable_prefetch")
+    disable_prefetch = args.pop("disable_prefetch")
+    if has_setting("worker_disable_prefetch"):  # Celery >= 5.6 writes it back
+        app.conf.worker_disable_prefetch = disable_prefetch
     _apply_config_args(cl)
     instance = None
     if boot:

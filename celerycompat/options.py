@@ -44,6 +44,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from celerycompat.celery_release import setting
 from celerycompat.concurrency_patch import gevent_patched
 from celerycompat.nodenames import expand_nodename, node_format
 from celerycompat.observability.settings import ObservabilitySettings
@@ -170,7 +171,7 @@ def worker_arguments(app: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     args["prefetch_multiplier"] = (args.get("prefetch_multiplier")
                                    or app.conf.worker_prefetch_multiplier)
     flag = args.get("disable_prefetch")
-    args["disable_prefetch"] = (app.conf.worker_disable_prefetch if flag is None
+    args["disable_prefetch"] = (setting(app.conf, "worker_disable_prefetch") if flag is None
                                 else flag)
     args["statedb"] = args.get("statedb") or app.conf.worker_state_db
     args["schedule_filename"] = (args.get("schedule_filename")
@@ -317,7 +318,9 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
         pool = FALLBACK_POOL  # e.g. worker_pool = "gevent": seen too late to patch
     if pool == "processes":
         pool = "prefork"
-    start_method = either("worker_pool_start_method", args.get("pool_start_method"))
+    start_method = args.get("pool_start_method")
+    if start_method is None:
+        start_method = setting(app.conf, "worker_pool_start_method")
     if start_method not in ("fork", "spawn"):
         raise ValueError("worker_pool_start_method must be 'fork' or 'spawn', "
                          f"got {start_method!r}.")
@@ -337,7 +340,7 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
         include=split_list(args.get("include")),
         prefetch_multiplier=int(either("worker_prefetch_multiplier",
                                        args.get("prefetch_multiplier"))),
-        disable_prefetch=bool(app.conf.worker_disable_prefetch),
+        disable_prefetch=bool(setting(app.conf, "worker_disable_prefetch")),
         task_events=bool(either("worker_send_task_events", args.get("task_events"))),
         # As given (Celery does not convert): a limit of 2 is logged and
         # stored as ``TimeLimitExceeded(2)``, ``--time-limit 2`` as 2.0.

@@ -24,6 +24,7 @@ from celery import signals
 
 from celerycompat.backends import group_commit, result_store_for
 from celerycompat.beat import EmbeddedBeat, start_embedded_beat
+from celerycompat.celery_release import celery_version, setting, support_warning
 from celerycompat.consumer.autoscale import Autoscaler
 from celerycompat.consumer.consumer import Consumer
 from celerycompat.consumer.kombu_broker import KombuBroker
@@ -158,6 +159,9 @@ class Worker:
 
     def setup(self) -> None:
         app, options = self.app, self.options
+        outside = support_warning(celery_version())
+        if outside:
+            logger.warning("ccworker: %s", outside)
         try:
             max_bytes = max_message_bytes(app.conf)
         except ValueError as exc:
@@ -271,7 +275,7 @@ class Worker:
         """False when the app uses quorum queues, as Celery decides it
         (``worker_detect_quorum_queues``): RabbitMQ refuses global QoS on
         them. None: the adapter's own rule (global on RabbitMQ >= 3.3)."""
-        if not self.app.conf.get("worker_detect_quorum_queues", True):
+        if not setting(self.app.conf, "worker_detect_quorum_queues"):
             return None
         try:
             from celery.utils.quorum_queues import detect_quorum_queues
@@ -356,10 +360,10 @@ class Worker:
         idle or not).
         """
         conf = self.app.conf
-        timeout = conf.get("worker_soft_shutdown_timeout") or 0  # Celery >= 5.5
+        timeout = setting(conf, "worker_soft_shutdown_timeout") or 0
         running = self.consumer is not None and bool(self.consumer.active)
         if not timeout or timeout <= 0 or not (
-                running or conf.get("worker_enable_soft_shutdown_on_idle")):
+                running or setting(conf, "worker_enable_soft_shutdown_on_idle")):
             return False
         shutdown_logger.warning("Initiating Soft Shutdown, terminating in %s seconds", timeout)
         self._soft_deadline = time.monotonic() + float(timeout)

@@ -71,7 +71,8 @@ class RedisResultStore(NativeStore):
     def __init__(self, app: Any, backend: Any) -> None:
         super().__init__(app, backend)
         self.client = backend.client
-        self.compression = backend.compression
+        # Celery < 5.3 has no result compression (nor the attribute).
+        self.compression = getattr(backend, "compression", None)
         self.expires = backend.expires
         # Celery 5.7: FAILURE may expire on its own schedule; older versions
         # lack the attribute and use result_expires for everything.

@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.einfo import ExceptionInfo
 from celery import signals
 from celery._state import _task_stack
-from celery.app.task import Task, get_actual_ignore_result
+from celery.app.task import Task
 from celery.app.trace import task_has_custom
 from celery.canvas import group, maybe_signature
 from celery.exceptions import Ignore, Reject, Retry
@@ -35,8 +35,10 @@ from celery.utils.serialization import get_pickleable_etype, get_pickleable_exce
 from kombu.exceptions import EncodeError, OperationalError
 
 from celerycompat.backends import group_commit
+from celerycompat.celery_release import get_actual_ignore_result
 from celerycompat.execution.context import build_context, request_dict
 from celerycompat.execution.dedupe import Deduplicator
+from celerycompat.execution.einfo import unwrap
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.tracer import Tracers
 from celerycompat.protocol.message import TaskMessage
@@ -413,9 +415,7 @@ class TaskRunner:
         }
         # billiard wraps the exception to carry its traceback across processes;
         # the log line shows the task's own exception, as Celery's does.
-        wrapped = einfo.exception
-        if isinstance(wrapped, ExceptionWithTraceback):
-            einfo.exception = wrapped.exc
+        einfo.exception = unwrap(einfo.exception)
         exc_info = einfo.exc_info if with_tb and einfo.exc_info and einfo.exc_info[0] else None
         logger.log(level, fmt, data, exc_info=exc_info, extra={"data": data})
 

@@ -26,15 +26,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.einfo import ExceptionInfo
 from billiard.exceptions import TimeLimitExceeded, WorkerLostError
 from celery import signals, states
-from celery.app.task import get_actual_ignore_result
 from celery.app.trace import task_has_custom
 from celery.exceptions import Retry
 from celery.utils.saferepr import saferepr
 
+from celerycompat.celery_release import get_actual_ignore_result
 from celerycompat.execution.context import build_context, request_dict
+from celerycompat.execution.einfo import unwrap
 from celerycompat.execution.outcome import Outcome, State
 
 logger = logging.getLogger("celery.worker.request")
@@ -53,10 +54,6 @@ def _einfo(exc: BaseException) -> ExceptionInfo:
         raise exc
     except type(exc):
         return ExceptionInfo()
-
-
-def _unwrap(exc: Any) -> Any:
-    return exc.exc if isinstance(exc, ExceptionWithTraceback) else exc
 
 
 def _store_errors(task: Any, context: Any) -> tuple[bool, bool]:
@@ -93,7 +90,7 @@ def success_was_stored(task: Any, task_id: str, ignore_result: bool) -> Any:
 def worker_lost(runner: Any, task: Any, message: Any, text: str) -> Outcome:
     """The child running ``message`` is gone; ``text`` is the WorkerLostError message."""
     einfo = _einfo(WorkerLostError(text))
-    exc = _unwrap(einfo.exception)
+    exc = unwrap(einfo.exception)
     context = context_for(runner, message)
     ignore_result, store_errors = _store_errors(task, context)
     name = message.name

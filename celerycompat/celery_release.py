@@ -1,0 +1,112 @@
+"""The Celery release the project brings, and the settings it lacks.
+
+ccworker under Celery X behaves as ``celery worker`` X. The first thing that
+differs between releases is the settings table: each minor release from 5.3
+to 5.7 added settings (``celery/app/defaults.py``), and ``app.conf.<name>``
+of a setting the installed release does not define raises ``AttributeError``
+(while ``app.conf.get(name)`` quietly returns ``None``). A worker feature that
+reads such a setting must run, on the older release, as that release's
+worker does, which is what the release did before the setting existed.
+
+:func:`setting` is the one place the worker reads a setting that not every
+supported release has. On a release that defines it, it is ``app.conf``'s
+value. On one that does not, it is :data:`BEFORE_SETTING`'s value: the
+behaviour of that release, whatever the project wrote into ``app.conf``
+under that name (Celery X ignores a setting it does not know, and so does
+ccworker under X).
+
+It is also where a Celery helper that not every release has gets its
+fallback: what that release's worker does in its place
+(:func:`get_actual_ignore_result`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+#: The releases the version matrix tests (tests/matrix.py), oldest first;
+#: the newest patch of each minor. A release outside [first, last minor] is
+#: started all the same, with one warning (:func:`support_warning`).
+TESTED = ("5.2.7", "5.3.6", "5.4.0", "5.5.3", "5.6.3", "5.7.0")
+
+#: For each setting some supported release lacks: the value that gives that
+#: release's behaviour, and the release that added it (for the docs and
+#: ``ccworker check``).
+BEFORE_SETTING: dict[str, tuple[Any, str]] = {
+    # Before 5.3 retrying the first connection followed broker_connection_retry;
+    # None is how the consumer reads "not set" on 5.3+ as well.
+    "broker_connection_retry_on_startup": (None, "5.3"),
+    "worker_enable_prefetch_count_reduction": (True, "5.4"),
+    # Before 5.5 no worker looked for quorum queues: global QoS was always used.
+    "worker_detect_quorum_queues": (False, "5.5"),
+    "worker_soft_shutdown_timeout": (0.0, "5.5"),
+    "worker_enable_soft_shutdown_on_idle": (False, "5.5"),
+    "worker_disable_prefetch": (False, "5.6"),
+    "worker_eta_task_limit": (None, "5.6"),
+    "worker_pool_start_method": ("fork", "5.7"),
+}
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"5.5.0rc4"`` -> ``(5, 5, 0)``: the numeric release, pre-release tags dropped."""
+    numbers = []
+    for part in text.split(".")[:3]:
+        match = re.match(r"\d+", part)
+        if match is None:
+            break
+        numbers.append(int(match.group()))
+    return tuple(numbers)
+
+
+def celery_version() -> tuple[int, ...]:
+    """The installed Celery's release, e.g. ``(5, 2, 7)``."""
+    import celery
+
+    return parse_version(celery.__version__)
+
+
+def has_setting(name: str) -> bool:
+    """Whether the installed Celery defines the setting ``name``."""
+    from celery.app.defaults import DEFAULTS
+
+    return name in DEFAULTS
+
+
+def setting(conf: Any, name: str) -> Any:
+    """The value of setting ``name`` as the installed release's worker sees it.
+
+    ``conf`` is ``app.conf``. A setting the release defines is read from it;
+    one it lacks (a key of :data:`BEFORE_SETTING`) is that release's behaviour.
+
+    Raises:
+        KeyError: ``name`` is neither defined by the release nor in
+            :data:`BEFORE_SETTING` (a programming error: every setting newer than
+            5.2 that ccworker reads must be listed there).
+    """
+    if has_setting(name):
+        return conf.get(name)
+    return BEFORE_SETTING[name][0]
+
+
+def support_warning(version: tuple[int, ...]) -> str | None:
+    """One line for a Celery release outside the tested range, else ``None``."""
+    first, last = parse_version(TESTED[0]), parse_version(TESTED[-1])
+    if version[:2] < first[:2] or version[:2] > last[:2]:
+        return (f"celery {'.'.join(map(str, version))} is outside the releases ccworker "
+                f"is tested with ({TESTED[0]} to {TESTED[-1]}.x): it may not behave "
+                f"as that release's own worker")
+    return None
+
+
+def _task_ignore_result(task: Any, request: Any) -> bool:
+    """A release without ``get_actual_ignore_result`` (5.2 to 5.4 at least):
+    its tracer reads only the task's own ``ignore_result``, never the request's
+    (``apply_async(ignore_result=True)``)."""
+    return bool(task.ignore_result)
+
+
+try:
+    from celery.app.task import get_actual_ignore_result
+except ImportError:
+    get_actual_ignore_result = _task_ignore_result

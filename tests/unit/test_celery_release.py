@@ -1,0 +1,58 @@
+"""What ccworker does on a Celery release that lacks a newer setting or helper."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+from celery.app import defaults
+
+from celerycompat import celery_release as release
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("5.2.7", (5, 2, 7)), ("5.5.0rc4", (5, 5, 0)), ("5.6.0b1", (5, 6, 0)), ("6.0", (6, 0)),
+])
+def test_parse_version(text, expected):
+    assert release.parse_version(text) == expected
+
+
+def test_a_defined_setting_is_read_from_the_app():
+    app = Celery("defined", set_as_current=False)
+    app.conf.worker_disable_prefetch = True
+    assert release.setting(app.conf, "worker_disable_prefetch") is True
+
+
+@pytest.mark.parametrize("name", sorted(release.BEFORE_SETTING))
+def test_a_setting_the_release_lacks_is_that_release_behaviour(name, monkeypatch):
+    """As on Celery 5.2: the name is not in its defaults, and what the project
+    wrote under it does not count (that release's worker never reads it)."""
+    app = Celery("older", set_as_current=False)
+    app.conf[name] = "written by the project"
+    monkeypatch.delitem(defaults.DEFAULTS, name, raising=False)
+    assert release.setting(app.conf, name) == release.BEFORE_SETTING[name][0]
+
+
+def test_every_setting_newer_than_the_oldest_release_is_listed():
+    """A setting ccworker reads through ``setting`` must be known to it."""
+    with pytest.raises(KeyError):
+        release.setting(Celery("x", set_as_current=False).conf, "no_such_setting_anywhere")
+
+
+@pytest.mark.parametrize("version, warns", [
+    ((5, 1, 2), True), ((5, 2, 0), False), ((5, 7, 3), False), ((5, 8, 0), True), ((6, 0), True),
+])
+def test_support_warning_outside_the_tested_minors(version, warns):
+    line = release.support_warning(version)
+    assert (line is not None) == warns
+    if warns:
+        assert "outside the releases ccworker is tested with" in line
+
+
+def test_ignore_result_without_the_helper_reads_the_task_only():
+    class Task:
+        ignore_result = False
+
+    class Request:
+        ignore_result = True
+
+    assert release._task_ignore_result(Task(), Request()) is False
