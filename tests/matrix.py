@@ -39,14 +39,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Celery, kombu, redis-py: the newest patch of every minor, with the oldest
-#: kombu and redis-py a deployment of it runs (docs/compat.md, "Versions").
+#: kombu and redis-py a deployment of it runs (docs/compat.md, "Celery
+#: versions"), and the Python it runs on: this one, except where the release
+#: does not support it (Celery 5.2 predates Python 3.11: its worker fails to
+#: log a task's traceback there, billiard 3.6 lacking ``co_positions``).
 STACKS = {
-    "5.2.7": ("5.2.4", "4.6.0"),
-    "5.3.6": ("5.3.7", "4.6.0"),
-    "5.4.0": ("5.4.2", "5.3.1"),
-    "5.5.3": ("5.5.4", "5.3.1"),
-    "5.6.3": ("5.6.0", "6.4.0"),
-    "5.7.0": ("5.7.0", "8.1.0"),
+    "5.2.7": ("5.2.4", "4.6.0", "3.10"),
+    "5.3.6": ("5.3.7", "4.6.0", None),
+    "5.4.0": ("5.4.2", "5.3.1", None),
+    "5.5.3": ("5.5.4", "5.3.1", None),
+    "5.6.3": ("5.6.0", "6.4.0", None),
+    "5.7.0": ("5.7.0", "8.1.0", None),
 }
 #: The release the main venv (pyproject's ``test`` extra) runs: the full suite.
 NEWEST = "5.7.0"
@@ -74,9 +77,28 @@ def matrix_dir() -> Path:
     return Path(os.environ.get("CC_MATRIX_DIR", ROOT / ".venv-matrix"))
 
 
+def interpreter(celery: str) -> str:
+    """The Python to build ``celery``'s venv with: pyenv's ``X.Y.*``, else
+    ``pythonX.Y`` on PATH (not a pyenv shim, which fails for a version that is
+    not selected), or this one when the stack names none."""
+    wanted = STACKS[celery][2]
+    if wanted is None:
+        return sys.executable
+    found = None
+    for candidate in sorted(Path.home().glob(f".pyenv/versions/{wanted}.*/bin/python")):
+        found = str(candidate)
+    if found is None:
+        on_path = shutil.which(f"python{wanted}")
+        if on_path and "/shims/" not in on_path:
+            found = on_path
+    if found is None:
+        raise SystemExit(f"matrix: celery {celery} needs Python {wanted}, which is not "
+                         "installed (apt-get install python{wanted}-venv, or pyenv)")
+    return found
+
+
 def stamp_for(celery: str) -> str:
-    kombu, redis = STACKS[celery]
-    text = json.dumps([celery, kombu, redis, RUNTIME, TEST_TOOLS, CELERY_EXTRAS,
+    text = json.dumps([celery, *STACKS[celery], RUNTIME, TEST_TOOLS, CELERY_EXTRAS,
                        sys.version_info[:2]])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -95,12 +117,12 @@ def ensure_venv(celery: str) -> Path:
     """
     venv = matrix_dir() / f"celery-{celery}"
     stamp = venv / "ccmatrix.stamp"
-    kombu, redis = STACKS[celery]
+    kombu, redis, _ = STACKS[celery]
     if not (stamp.is_file() and stamp.read_text() == stamp_for(celery)):
         print(f"matrix: building {venv} (celery {celery}, kombu {kombu}, redis {redis})",
               flush=True)
         shutil.rmtree(venv, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([interpreter(celery), "-m", "venv", str(venv)], check=True)
         pip(venv, f"celery[{CELERY_EXTRAS}]=={celery}", *RUNTIME, *TEST_TOOLS)
         pip(venv, f"kombu=={kombu}", f"redis=={redis}")
         stamp.write_text(stamp_for(celery))
@@ -112,8 +134,12 @@ def ensure_venv(celery: str) -> Path:
 
 def run_release(celery: str, jobs: int, extra: list[str]) -> int:
     venv = ensure_venv(celery)
-    kombu, redis = STACKS[celery]
-    print(f"\nmatrix: celery {celery}, kombu {kombu}, redis-py {redis}", flush=True)
+    kombu, redis, _ = STACKS[celery]
+    python = subprocess.run([str(venv / "bin" / "python"), "-c",
+                             "import platform; print(platform.python_version())"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    print(f"\nmatrix: celery {celery}, kombu {kombu}, redis-py {redis}, Python {python}",
+          flush=True)
     cmd = [str(venv / "bin" / "python"), "-m", "pytest", *TESTS, "-q",
            "-p", "no:cacheprovider", "-n", str(jobs), "--dist", "loadfile", *extra]
     return subprocess.run(cmd, cwd=ROOT).returncode
@@ -134,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown release(s) {unknown}; known: {list(STACKS)}")
     if args.list:
         for release in STACKS:
-            print(f"celery {release}: kombu {STACKS[release][0]}, redis-py {STACKS[release][1]}")
+            kombu, redis, python = STACKS[release]
+            print(f"celery {release}: kombu {kombu}, redis-py {redis}, "
+                  f"Python {python or 'of this venv'}")
         print("tests:", *TESTS, sep="\n  ")
         return 0
     if args.build_only:

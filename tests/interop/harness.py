@@ -52,7 +52,11 @@ from typing import Any, Callable, Iterator, Optional
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
-from celery.exceptions import DuplicateTaskNameWarning
+
+try:
+    from celery.exceptions import DuplicateTaskNameWarning
+except ImportError:  # Celery < 5.6 (the version matrix): nothing to silence
+    DuplicateTaskNameWarning = UserWarning
 
 HERE = Path(__file__).resolve().parent
 PROJECTS_DIR = HERE / "projects"
