@@ -89,6 +89,33 @@ def setting(conf: Any, name: str) -> Any:
     return BEFORE_SETTING[name][0]
 
 
+def redelivered_default() -> bool | None:
+    """What a task's ``delivery_info['redelivered']`` is when the transport did
+    not say: Celery 5.3's Request made it False; 5.2's left it None."""
+    return None if celery_version() < (5, 3) else False
+
+
+def rpc_replies_carry_meta() -> bool:
+    """Whether ``rpc://`` replies are the full result meta (Celery 5.7's
+    ``_to_result`` builds them with ``_get_result_meta``). Before 5.7 a reply
+    is a five-field dict (``task_id`` first, no ``date_done``); ccworker's
+    native RPC store writes the 5.7 form, so there Celery's own backend sends."""
+    return celery_version() >= (5, 7)
+
+
+def process_init_sender(hostname: str) -> str | None:
+    """The ``sender`` of ``worker_process_init`` (solo, each prefork child):
+    the node name since Celery 5.7, None before."""
+    return hostname if celery_version() >= (5, 7) else None
+
+
+def worker_option_names() -> frozenset[str]:
+    """The parameter names of the installed release's ``celery worker`` command."""
+    from celery.bin.worker import worker
+
+    return frozenset(param.name for param in worker.params)
+
+
 def support_warning(version: tuple[int, ...]) -> str | None:
     """One line for a Celery release outside the tested range, else ``None``."""
     first, last = parse_version(TESTED[0]), parse_version(TESTED[-1])

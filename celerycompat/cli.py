@@ -45,7 +45,7 @@ from click.core import ParameterSource
 
 from celerycompat import __version__, apploader, beat, logsetup
 from celerycompat import options as opts
-from celerycompat.celery_release import has_setting
+from celerycompat.celery_release import has_setting, worker_option_names
 from celerycompat.nodenames import expand_nodename
 
 PROG = "ccworker"
@@ -184,7 +184,15 @@ def global_params() -> list[click.Parameter]:
 
 def worker_params() -> list[click.Parameter]:
     """``celery worker --help`` (``celery/bin/worker.py`` and the daemon
-    options of ``celery/bin/base.py``), same names, types and defaults."""
+    options of ``celery/bin/base.py``), same names, types and defaults: those
+    of 5.7 that the installed release's ``celery worker`` also has (Celery 5.2
+    has no ``--disable-prefetch`` or ``--pool-start-method``: they are usage
+    errors there, and absent from what ``celeryd_init`` receives)."""
+    known = worker_option_names()
+    return [param for param in _worker_params_5_7() if param.name in known]
+
+
+def _worker_params_5_7() -> list[click.Parameter]:
     o = click.Option
     return [
         o(["-n", "--hostname"], type=Nodename(),

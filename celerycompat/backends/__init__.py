@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from celerycompat.celery_release import rpc_replies_carry_meta
+
 from .app_backend import AppBackendStore
 from .base import NativeStore, ResultStore
 
@@ -54,7 +56,7 @@ def result_store_for(app: Any, backend: Any = None) -> ResultStore:
         from .redis import RedisResultStore
 
         return RedisResultStore(app, backend)
-    if _keeps_methods(backend, RPCBackend, _RPC_STORE_PATH):
+    if rpc_replies_carry_meta() and _keeps_methods(backend, RPCBackend, _RPC_STORE_PATH):
         from .rpc import RPCResultStore
 
         return RPCResultStore(app, backend)

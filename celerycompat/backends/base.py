@@ -194,11 +194,17 @@ class NativeStore:
         call_errbacks: bool = True,
         state: str = states.FAILURE,
     ) -> None:
+        backend = self.backend
+        if not hasattr(backend, "_fail_chain"):
+            # A release without _fail_chain (Celery 5.2) propagates a failure
+            # along a chain inside its own mark_as_failure: let it do all of it.
+            backend.mark_as_failure(task_id, exc, traceback, request, store_result=store_result,
+                                    call_errbacks=call_errbacks, state=state)
+            return
         if store_result:
             self.store_result(task_id, exc, state, traceback=traceback, request=request)
         if not request:
             return
-        backend = self.backend
         if request.chord:
             backend.on_chord_part_return(request, state, exc)
         # Later chain steps are stored through Celery's backend: rare, and

@@ -31,6 +31,7 @@ from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed, OperationalError
 
+from celerycompat.celery_release import redelivered_default
 from celerycompat.celery_release import setting as release_setting
 from celerycompat.consumer.broker import Broker, ConnectStopped, Delivery
 from celerycompat.consumer.liveness import break_sockets, kombu_sockets, watchdog
@@ -283,6 +284,7 @@ class Consumer:
             if dispatcher is not None and heartbeat_interval else None
         self._worker_utc = app.uses_utc_timezone()
         self._worker_tz = app.timezone
+        self._redelivered_default = redelivered_default()
         #: ``--metrics-port``: told what the task events tell, plus each
         #: connection and loop turn (observability/worker_metrics.py).
         self.metrics = metrics
@@ -590,7 +592,7 @@ class Consumer:
                 peeked, delivery.headers, delivery.properties, delivery.delivery_info,
                 delivery.body, delivery.content_type, delivery.content_encoding,
                 self.decode, worker_utc=self._worker_utc, worker_tz=self._worker_tz,
-                saferepr=saferepr,
+                saferepr=saferepr, redelivered_default=self._redelivered_default,
             )
         except (wire.InvalidTaskMessage, ContentDisallowed) as exc:
             return self._on_invalid(delivery, exc)

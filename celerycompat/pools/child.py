@@ -43,6 +43,7 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded
 
 from celerycompat.backends import group_commit
+from celerycompat.celery_release import process_init_sender
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import procproto
 
@@ -215,7 +216,7 @@ def _init_app(app: Any, config: ChildConfig) -> None:
         worker_state.reset_state()
     except Exception:
         logger.debug("could not reset worker state", exc_info=True)
-    signals.worker_process_init.send(sender=config.hostname)
+    signals.worker_process_init.send(sender=process_init_sender(config.hostname))
 
 
 def _memory_kib() -> int:

@@ -36,6 +36,7 @@ from typing import Any
 from billiard.exceptions import SoftTimeLimitExceeded
 from celery import signals
 
+from celerycompat.celery_release import process_init_sender
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
@@ -80,7 +81,7 @@ class SoloPool:
     def start(self) -> None:
         # Celery's solo pool sends worker_process_init (sender = nodename):
         # projects use it to open per-process resources.
-        signals.worker_process_init.send(sender=self.hostname)
+        signals.worker_process_init.send(sender=process_init_sender(self.hostname))
 
     def apply(self, task_name: str, message: TaskMessage, on_done: OnDone) -> None:
         task = self.runner.app.tasks.get(task_name)

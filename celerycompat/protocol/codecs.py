@@ -63,6 +63,12 @@ __all__ = (
 JSON_CONTENT_TYPE = "application/json"
 
 #: Content types kombu decodes whatever ``accept`` says (raw payloads).
+#: kombu >= 5.3 writes datetimes, bytes, UUIDs, ... as ``__type__`` envelopes
+#: and reads them back (``object_hook``, ``register_type``); the fast JSON
+#: paths below reproduce that format. kombu 5.2 (Celery 5.2's) has plain JSON
+#: with an encoder of its own, so there every body goes through kombu itself.
+KOMBU_TYPED_JSON = hasattr(kombu_json, "object_hook")
+
 TRUSTED_CONTENT = frozenset({"application/data", "application/text"})
 
 #: Encodings for which kombu never turns undecodable bytes into text.
@@ -212,7 +218,8 @@ def json_loads(data: bytes | bytearray | memoryview | str) -> Any:
 
 def _json_decoder_is_kombus() -> bool:
     # If someone re-registered "json" in kombu's registry, honour their codec.
-    return kombu_serialization.registry._decoders.get(JSON_CONTENT_TYPE) is kombu_json.loads
+    return KOMBU_TYPED_JSON and \
+        kombu_serialization.registry._decoders.get(JSON_CONTENT_TYPE) is kombu_json.loads
 
 
 def loads(
@@ -308,7 +315,7 @@ def json_dumps(obj: Any) -> bytes:
 
 def _json_encoder_is_kombus() -> bool:
     codec = kombu_serialization.registry._encoders.get("json")
-    return codec is not None and codec.encoder is kombu_json.dumps
+    return KOMBU_TYPED_JSON and codec is not None and codec.encoder is kombu_json.dumps
 
 
 def dumps(obj: Any, serializer: str) -> tuple[str, str, bytes]:

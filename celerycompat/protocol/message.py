@@ -181,12 +181,15 @@ def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any]
           delivery_info: Mapping[str, Any], body: bytes, content_type: str | None,
           content_encoding: str | None, decode: Decoder, *,
           worker_utc: bool, worker_tz: tzinfo | None,
-          saferepr: Callable[[Any], str] = repr) -> TaskMessage:
+          saferepr: Callable[[Any], str] = repr,
+          redelivered_default: bool | None = False) -> TaskMessage:
     """Decode and validate a message whose task is known to the worker.
 
     ``worker_utc``/``worker_tz`` are the worker app's timezone settings: for
     v2 messages Celery takes "is the ETA UTC" from the worker, not the
-    message (A15).
+    message (A15). ``redelivered_default`` is ``delivery_info['redelivered']``
+    where the transport leaves it out (kombu's Redis does): False since
+    Celery 5.3, None before.
     """
     if peeked.protocol == 2:
         payload = decode(body, content_type, content_encoding)
@@ -220,7 +223,7 @@ def parse(peeked: Peeked, headers: dict[str, Any], properties: Mapping[str, Any]
         "exchange": delivery_info.get("exchange"),
         "routing_key": delivery_info.get("routing_key"),
         "priority": properties.get("priority"),
-        "redelivered": delivery_info.get("redelivered", False),
+        "redelivered": delivery_info.get("redelivered", redelivered_default),
     }
     req.update(
         properties=dict(properties),

@@ -56,3 +56,25 @@ def test_ignore_result_without_the_helper_reads_the_task_only():
         ignore_result = True
 
     assert release._task_ignore_result(Task(), Request()) is False
+
+
+def test_a_flag_the_release_lacks_is_not_offered(monkeypatch):
+    """Celery 5.2's ``celery worker`` has neither flag: ccworker under it
+    neither accepts them nor hands them to ``celeryd_init``."""
+    from celerycompat import cli
+
+    older = release.worker_option_names() - {"disable_prefetch", "pool_start_method"}
+    monkeypatch.setattr(cli, "worker_option_names", lambda: older)
+    names = {param.name for param in cli.worker_params()}
+    assert "disable_prefetch" not in names and "pool_start_method" not in names
+    assert "concurrency" in names
+
+
+@pytest.mark.parametrize("version, sender, redelivered", [
+    ((5, 2, 7), None, None), ((5, 3, 6), None, False), ((5, 6, 3), None, False),
+    ((5, 7, 0), "w@h", False),
+])
+def test_per_release_values(monkeypatch, version, sender, redelivered):
+    monkeypatch.setattr(release, "celery_version", lambda: version)
+    assert release.process_init_sender("w@h") == sender
+    assert release.redelivered_default() is redelivered

@@ -161,3 +161,19 @@ def test_junk_never_escapes_as_an_unexpected_exception(headers, body):
                    worker_utc=True, worker_tz=timezone.utc)
     except expected:
         pass
+
+
+@pytest.mark.parametrize("default", [False, None])
+def test_redelivered_left_out_by_the_transport_is_the_release_default(app, default):
+    """kombu's Redis leaves ``redelivered`` out: Celery 5.3+ says False, 5.2 None."""
+    msg = app.amqp.as_task_v2("abc", "proj.add", args=(2, 3))
+    raw = kombu_dumps(msg.body).encode()
+    peeked = wire.peek(msg.headers, raw, "application/json", "utf-8", decode)
+    out = wire.parse(peeked, msg.headers, {}, {"routing_key": "celery"}, raw,
+                     "application/json", "utf-8", decode, worker_utc=True,
+                     worker_tz=timezone.utc, redelivered_default=default)
+    assert out.delivery_info["redelivered"] is default
+    seen = wire.parse(peeked, msg.headers, {}, {"redelivered": True}, raw, "application/json",
+                      "utf-8", decode, worker_utc=True, worker_tz=timezone.utc,
+                      redelivered_default=default)
+    assert seen.delivery_info["redelivered"] is True
