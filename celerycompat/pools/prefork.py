@@ -359,7 +359,9 @@ class PreforkPool:
         return next(i for i in itertools.count() if i not in used)
 
     def _spawn(self, index: int) -> Child:
-        signals.worker_before_create_process.send(sender=self)
+        before_create = getattr(signals, "worker_before_create_process", None)
+        if before_create is not None:  # Celery >= 5.3 has the signal
+            before_create.send(sender=self)
         gc.collect()  # as Celery does before each fork (Celery issue #2927)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         name = f"ForkPoolWorker-{next(self._names)}"
