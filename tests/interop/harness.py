@@ -731,6 +731,8 @@ class Observer:
         self.queue = worker.queue
         self.observations: list = []
         self.task_ids: list[str] = []
+        #: Every AsyncResult the scenario sent (see `send`).
+        self.sent: list = []
         self.results = redis.Redis.from_url(broker.results_url)
         self._log_offset = 0
         self._sentinels: list[str] = []
@@ -751,6 +753,11 @@ class Observer:
         else:
             result = self.app.send_task(full, args, kwargs or {}, **options)
         self.register_id(result.id)
+        # Kept until the scenario ends: a result dropped by the scenario is
+        # collected whenever, and Celery <= 5.4's Redis result consumer
+        # deadlocks when that ``__del__`` unsubscribes in the middle of the
+        # next send's subscribe (the matrix hung on it under Celery 5.4.0).
+        self.sent.append(result)
         return result
 
     def register_id(self, task_id: str) -> str:
