@@ -22,8 +22,10 @@ fallback: what that release's worker does in its place
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Callable
 
 #: The releases the version matrix tests (tests/matrix.py), oldest first;
 #: the newest patch of each minor. A release outside [first, last minor] is
@@ -59,8 +61,10 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+@functools.lru_cache(maxsize=1)
 def celery_version() -> tuple[int, ...]:
-    """The installed Celery's release, e.g. ``(5, 2, 7)``."""
+    """The installed Celery's release, e.g. ``(5, 2, 7)`` (read once: rules
+    that depend on it are asked per task)."""
     import celery
 
     return parse_version(celery.__version__)
@@ -107,6 +111,70 @@ def process_init_sender(hostname: str) -> str | None:
     """The ``sender`` of ``worker_process_init`` (solo, each prefork child):
     the node name since Celery 5.7, None before."""
     return hostname if celery_version() >= (5, 7) else None
+
+
+def result_clock(app: Any) -> Callable[[], datetime]:
+    """What stamps a result's ``date_done`` (``Backend._get_result_meta``):
+    a naive UTC time before 5.4 (``datetime.utcnow()``, no ``+00:00`` in the
+    stored text), an aware UTC time on 5.4, ``app.now()`` (aware, in the
+    app's timezone) since 5.5."""
+    version = celery_version()
+    if version < (5, 4):
+        return _naive_utc_now
+    if version < (5, 5):
+        return _aware_utc_now
+    return app.now
+
+
+def _naive_utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _aware_utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def result_stamps() -> str:
+    """Which canvas stamps an extended result (``result_extended``) carries:
+    ``"none"`` on 5.2 (no stamping), ``"all"`` from 5.3 to 5.6 (every stamp
+    of the request), ``"named"`` since 5.7 (those in ``stamped_headers``)."""
+    version = celery_version()
+    if version < (5, 3):
+        return "none"
+    return "all" if version < (5, 7) else "named"
+
+
+def reject_fails_task() -> bool:
+    """Whether ``Reject(requeue=False)`` records a terminal FAILURE (stored
+    result, ``task_failure``, ``task-failed``) besides rejecting the message:
+    since 5.7 (Celery #4222). Before, the task stays PENDING (or STARTED)."""
+    return celery_version() >= (5, 7)
+
+
+def revoke_stores() -> str | None:
+    """What ``revoke`` writes to the result backend (``celery/worker/control.py``).
+
+    ``None`` before 5.6: nothing (a revoked task's REVOKED is stored when a
+    worker discards it). ``"every id"`` on 5.6: REVOKED for every id, running
+    ones included. ``"not started"`` from 5.7: only ids not running here
+    whose stored state is not final and not started by another worker.
+    """
+    if celery_version() < (5, 6):
+        return None
+    return "every id" if celery_version() < (5, 7) else "not started"
+
+
+def control_replies_are_57() -> bool:
+    """Whether the installed release's control replies have 5.7's shapes.
+
+    Before 5.7: ``query_task`` knows only active and reserved requests (one
+    held for its ETA is not found; 5.7 says ``scheduled``); ``hello`` replies
+    with the revoked set's ``_data`` (``{id: [stamp, id]}``; 5.7: a list of
+    ids); ``enable_events``/``disable_events``/``heartbeat`` on a worker
+    without an event dispatcher fail with an AttributeError (5.7: a
+    ``nok('event dispatcher unavailable')`` reply, or nothing).
+    """
+    return celery_version() >= (5, 7)
 
 
 def worker_option_names() -> frozenset[str]:

@@ -21,6 +21,7 @@ from celery import states
 from celery._state import get_current_task
 from celery.exceptions import BackendStoreError, TaskRevokedError
 
+from .. import celery_release
 from ..protocol import codecs, results
 
 __all__ = ("ResultStore", "NativeStore", "MetaEncoder")
@@ -77,7 +78,8 @@ class MetaEncoder:
     def __init__(self, app: Any, backend: Any) -> None:
         self.serializer: str = backend.serializer
         self.extended = bool(app.conf.find_value_for_key("extended", "result"))
-        self.now = app.now
+        self.now = celery_release.result_clock(app)
+        self.stamps = celery_release.result_stamps()
 
     def encode(self, obj: Any) -> bytes:
         """Serialize with the result serializer (no compression)."""
@@ -107,6 +109,7 @@ class MetaEncoder:
             extended=self.extended,
             children=results.request_children(children_request),
             task_id=task_id,
+            stamps=self.stamps,
         )
 
 

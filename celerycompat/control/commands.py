@@ -33,6 +33,7 @@ from celery.utils.serialization import jsonify
 from celery.utils.time import rate as celery_rate
 from kombu.utils.encoding import safe_repr
 
+from celerycompat.celery_release import control_replies_are_57, revoke_stores
 from celerycompat.consumer.revoked_stamps import intersecting, parse_cli_headers
 
 logger = logging.getLogger("celery.worker.control")
@@ -100,16 +101,32 @@ def clock(state: ControlState, **kwargs: Any) -> dict[str, int]:
 
 @command()
 def hello(state: ControlState, from_node: str, revoked: Any = None, **kwargs: Any) -> Any:
-    """Mingle's sync request from another worker (G4): our revoked ids and clock."""
+    """Mingle's sync request from another worker (G4): our revoked ids and clock.
+
+    A peer sends its ids as a list (5.7) or, before 5.7, as its revoked set's
+    ``_data`` (``{id: [stamp, id]}``); only the ids are taken, as 5.7 does on
+    every release: a stamp is another host's monotonic clock, meaningless here.
+    The reply is the installed release's: before 5.7 the ``_data`` mapping.
+    """
     if from_node == state.hostname:
         return None
     logger.info("sync with %s", from_node)
     known = state.consumer.revoked
-    if revoked:
-        for task_id in revoked if isinstance(revoked, (list, tuple)) else [revoked]:
-            known.add(task_id)
+    for task_id in _ids_in(revoked):
+        known.add(task_id)
     known.purge()  # expired ids are not passed on
-    return {"revoked": list(known), "clock": state.app.clock.forward()}
+    ids: Any = list(known) if control_replies_are_57() else dict(known._data)
+    return {"revoked": ids, "clock": state.app.clock.forward()}
+
+
+def _ids_in(revoked: Any) -> list[str]:
+    """The task ids of a ``hello``'s ``revoked``: a list, a ``{id: stamp}`` mapping,
+    one id, or nothing; anything unhashable in it is skipped."""
+    if not revoked:
+        return []
+    if isinstance(revoked, str):
+        return [revoked]
+    return [task_id for task_id in revoked if isinstance(task_id, str)]
 
 
 @command("report")
@@ -169,7 +186,11 @@ def revoke(state: ControlState, task_id: Any, terminate: bool = False, signal: A
     consumer.revoked.update(task_ids)
     running = {request.id for request in consumer.active_requests()} & task_ids
     succeeded = consumer.results_in_flight() & task_ids
-    _store_revoked(state, task_ids - running - succeeded)
+    stores = revoke_stores()
+    if stores == "every id":
+        _store_revoked(state, task_ids - succeeded, unless_started=False)
+    elif stores == "not started":
+        _store_revoked(state, task_ids - running - succeeded, unless_started=True)
     if terminate:
         signum = platform_signals.signum(signal or "SIGTERM")
         terminated: list[str] = []
@@ -239,8 +260,10 @@ def revoke_by_stamped_headers(state: ControlState, headers: Any, terminate: bool
     return ok(f"headers {matched} revoked")
 
 
-def _store_revoked(state: ControlState, task_ids: set[str]) -> None:
-    """Celery 5.7 writes REVOKED for ids not final nor started elsewhere (B20).
+def _store_revoked(state: ControlState, task_ids: set[str], *, unless_started: bool) -> None:
+    """REVOKED for ``task_ids`` at revoke time (B20): Celery 5.6 writes it for
+    every id; 5.7 (``unless_started``) only where the stored state is not
+    final nor started elsewhere (`revoke_stores`).
 
     Skipped for ``rpc://``: a worker has no reply queue of its own to read
     a state from (C19 FLAG: Celery declares one and logs a RuntimeError).
@@ -253,8 +276,8 @@ def _store_revoked(state: ControlState, task_ids: set[str]) -> None:
         return
     for task_id in task_ids:
         try:
-            if backend.get_state(task_id) in (states.PENDING, states.RECEIVED, states.RETRY,
-                                              states.REJECTED):
+            if not unless_started or backend.get_state(task_id) in (
+                    states.PENDING, states.RECEIVED, states.RETRY, states.REJECTED):
                 backend.mark_as_revoked(task_id, reason="revoked", store_result=True)
         except Exception as exc:
             logger.warning("Failed to mark task %s as revoked in backend: %s", task_id, exc)
@@ -273,11 +296,14 @@ def query_task(state: ControlState, ids: Any, **kwargs: Any) -> dict[str, Any]:
     # Celery keeps a message that waited for its ETA registered as scheduled
     # while it then waits for a rate-limit token; one without an ETA that
     # waits for a token it does not find at all.
+    # Before 5.7 Celery does not register them at all (`control_replies_are_57`).
     after_eta = [request for request in consumer.rate_limited_requests()
                  if request.eta is not None]
-    for where, requests in (("active", consumer.active_requests()),
-                            ("reserved", consumer.reserved_requests()),
-                            ("scheduled", consumer.scheduled_requests() + after_eta)):
+    places = [("active", consumer.active_requests()),
+              ("reserved", consumer.reserved_requests())]
+    if control_replies_are_57():
+        places.append(("scheduled", consumer.scheduled_requests() + after_eta))
+    for where, requests in places:
         for request in requests:
             if request.id in wanted and request.id not in found:
                 found[request.id] = [where, request.info()]
@@ -498,13 +524,18 @@ def autoscale(state: ControlState, max: Any = None, min: Any = None) -> dict[str
 # -- events ---------------------------------------------------------------------------
 
 
-def _dispatcher(state: ControlState) -> Any:
-    return getattr(state.consumer, "dispatcher", None)
+def _dispatcher(state: ControlState, needs: str) -> Any:
+    """The event dispatcher, or None when the worker has none. Before 5.7 a
+    command then fails as Celery's does, reaching for ``needs`` on None."""
+    dispatcher = getattr(state.consumer, "dispatcher", None)
+    if dispatcher is None and not control_replies_are_57():
+        raise AttributeError(f"'NoneType' object has no attribute '{needs}'")
+    return dispatcher
 
 
 @command("enable_events")
 def enable_events(state: ControlState, **kwargs: Any) -> dict[str, str]:
-    dispatcher = _dispatcher(state)
+    dispatcher = _dispatcher(state, "groups")
     if dispatcher is None:
         return nok("event dispatcher unavailable")
     if dispatcher.enable_task_events():
@@ -515,7 +546,7 @@ def enable_events(state: ControlState, **kwargs: Any) -> dict[str, str]:
 
 @command("disable_events")
 def disable_events(state: ControlState, **kwargs: Any) -> dict[str, str]:
-    dispatcher = _dispatcher(state)
+    dispatcher = _dispatcher(state, "groups")
     if dispatcher is None:
         return nok("event dispatcher unavailable")
     if dispatcher.disable_task_events():
@@ -527,7 +558,7 @@ def disable_events(state: ControlState, **kwargs: Any) -> dict[str, str]:
 @command("heartbeat")
 def heartbeat(state: ControlState, **kwargs: Any) -> None:
     """One worker-heartbeat now, as Celery sends it on request (E6: ``freq`` 5)."""
-    dispatcher = _dispatcher(state)
+    dispatcher = _dispatcher(state, "send")
     if dispatcher is not None:
         from celerycompat.protocol.events import software_info
 

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from typing import Any
 
+from celery.utils.time import utcoffset as celery_utcoffset
 from kombu import Exchange, Producer
 
 from celerycompat.protocol.events import BATCHED_GROUPS, group_of, make_event, routing_key
@@ -105,8 +106,10 @@ class EventDispatcher:
         """Send one event now (worker group) or at the next `flush` (task group)."""
         if not self.wants(event_type):
             return
+        # The offset as the installed Celery computes it: an int (floor
+        # division) before 5.7, the exact float since.
         event = make_event(event_type, hostname=self.hostname, pid=self.pid,
-                           clock=self.clock.forward(), **fields)
+                           clock=self.clock.forward(), offset=celery_utcoffset(), **fields)
         if group_of(event_type) in BATCHED_GROUPS:
             self._batch.append(event)
             if len(self._batch) >= BATCH_LIMIT:

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from celerycompat.celery_release import reject_fails_task
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.outcome import Outcome, Settle, State
+
+#: Whether Reject(requeue=False) is announced as task-failed (Celery >= 5.7).
+REJECT_FAILS = reject_fails_task()
 
 
 def _iso(value: Any) -> str | None:
@@ -57,7 +61,7 @@ class TaskEvents:
         elif state is State.RETRY:
             send("task-retried", uuid=task_id, exception=outcome.exception_repr,
                  traceback=outcome.traceback)
-        elif state is State.REJECTED and not outcome.requeue:
+        elif state is State.REJECTED and not outcome.requeue and REJECT_FAILS:
             send("task-failed", uuid=task_id, exception=outcome.exception_repr,
                  traceback=outcome.traceback)
         if settled in (Settle.DROP, Settle.REQUEUE):

@@ -35,7 +35,7 @@ from celery.utils.serialization import get_pickleable_etype, get_pickleable_exce
 from kombu.exceptions import EncodeError, OperationalError
 
 from celerycompat.backends import group_commit
-from celerycompat.celery_release import get_actual_ignore_result
+from celerycompat.celery_release import get_actual_ignore_result, reject_fails_task
 from celerycompat.execution.context import build_context, request_dict
 from celerycompat.execution.dedupe import Deduplicator
 from celerycompat.execution.einfo import unwrap
@@ -50,6 +50,9 @@ LOG_FAILURE = "Task %(name)s[%(id)s] %(description)s: %(exc)s"
 LOG_RETRY = "Task %(name)s[%(id)s] retry: %(exc)s"
 LOG_IGNORED = "Task %(name)s[%(id)s] %(description)s"
 LOG_REJECTED = "Task %(name)s[%(id)s] %(exc)s"
+
+#: Whether Reject(requeue=False) stores FAILURE, as Celery 5.7 does (celery_release).
+REJECT_FAILS = reject_fails_task()
 
 
 @dataclass(frozen=True)
@@ -158,7 +161,7 @@ class TaskRunner:
                 if duplicate is not None:
                     return duplicate
             outcome = self._tracers.run(task, self._trace, message, req, context, started)
-            if outcome.state is State.REJECTED and not outcome.requeue:
+            if outcome.state is State.REJECTED and not outcome.requeue and REJECT_FAILS:
                 # Celery records this after the trace (task_postrun first),
                 # in the worker's handling of the rejection.
                 ignore_result = get_actual_ignore_result(task, context)

@@ -2,8 +2,8 @@
 
 Pure: given the state, the value and the request, return the dict a Celery
 backend would serialize. No clock, no settings lookup, no I/O: the caller
-passes ``now`` (``app.now``, aware in ``app.timezone``) and the few settings
-that shape the document. Keeping it pure lets the unit tests compare every
+passes ``now`` (the release's clock, ``celery_release.result_clock``) and
+the few settings that shape the document. Keeping it pure lets the unit tests compare every
 field and every byte with Celery's own ``_get_result_meta`` offline.
 
 Facts mirrored (celery/backends/base.py, 5.7):
@@ -103,7 +103,7 @@ def request_children(request: Any) -> list | None:
     return None
 
 
-def _extended_fields(request: Any) -> dict:
+def _extended_fields(request: Any, which_stamps: str) -> dict:
     delivery_info = getattr(request, "delivery_info", None)
     fields = {
         "name": getattr(request, "task", None),
@@ -113,14 +113,15 @@ def _extended_fields(request: Any) -> dict:
         "retries": getattr(request, "retries", None),
         "queue": delivery_info.get("routing_key") if delivery_info else None,
     }
-    stamps = getattr(request, "stamps", None)
+    stamps = getattr(request, "stamps", None) if which_stamps != "none" else None
     if stamps:
         stamped_headers = request.stamped_headers
         fields["stamped_headers"] = stamped_headers
-        # Only stamps named in stamped_headers are copied, each as a top-level key.
+        # Each stamp as a top-level key: all of them ("all", Celery 5.3-5.6),
+        # or only those named in stamped_headers ("named", 5.7).
         wanted = stamped_headers or ()
         for name, value in stamps.items():
-            if name in wanted:
+            if which_stamps == "all" or name in wanted:
                 fields[name] = value
     return fields
 
@@ -135,12 +136,16 @@ def result_meta(
     extended: bool,
     children: Any = _NO_CHILDREN,
     task_id: str | None = None,
+    stamps: str = "named",
 ) -> dict:
     """Build the meta dict for one store (``result`` already encoded).
 
     ``children`` defaults to :func:`request_children` of ``request``; pass it
     explicitly when the request was found by the current-task fallback.
     ``task_id`` (KV and RPC backends) is appended last when given.
+    ``stamps`` says which canvas stamps an extended meta copies: ``"named"``
+    (those in ``stamped_headers``), ``"all"`` or ``"none"``; ``now`` gives
+    ``date_done`` (naive or aware): both differ by Celery release.
     """
     if state in states.READY_STATES:
         date_done = now().isoformat()
@@ -158,7 +163,7 @@ def result_meta(
     if request and getattr(request, "parent_id", None):
         meta["parent_id"] = request.parent_id
     if extended and request:
-        meta.update(_extended_fields(request))
+        meta.update(_extended_fields(request, stamps))
     if task_id is not None:
         meta["task_id"] = task_id
     return meta

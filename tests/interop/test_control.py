@@ -21,6 +21,7 @@ import pytest
 import redis
 
 import harness
+from celerycompat.celery_release import celery_version
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
@@ -165,13 +166,12 @@ def observe(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
             election = ask(app, node, "election", id="e1", topic="none")
             assert election == ([None] if kind == "ccworker" else election)
             # Junk anyone could publish to the mailbox must not hurt either worker.
-            with app.connection_for_write() as connection:
-                exchange = app.control.mailbox.exchange
-                producer = connection.Producer(exchange=exchange)
-                for junk in ("not a mapping", {"no_method": 1}, ["a", "list"],
-                             {"method": "ping", "arguments": "junk", "destination": [node]}):
-                    producer.publish(junk, exchange=exchange, routing_key="",
-                                     declare=[exchange], serializer="json")
+            # Celery before 5.7 leaves its old mailbox consumer behind when it
+            # resets after a bad message, and answers nothing more: there the
+            # reference is its worker without the junk, which ccworker (which
+            # keeps 5.7's fix, docs/compat.md) must match with it.
+            if kind == "ccworker" or not JUNK_SILENCES_CELERY_MAILBOX:
+                send_junk(app, node)
             time.sleep(1.0)  # Celery resets its mailbox consumer after a bad message
             record("still alive", ask(app, node, "ping"))
             record("cli status", cli(worker, "status"))
@@ -190,6 +190,22 @@ def observe(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
         worker.stop()
         broker.forget_queue(worker.token, worker.queue)
     return out
+
+
+#: Celery before 5.7 stops answering its mailbox after a junk message
+#: (its pidbox reset keeps the old consumer; fixed in 5.7).
+JUNK_SILENCES_CELERY_MAILBOX = celery_version() < (5, 7)
+
+
+def send_junk(app, node: str) -> None:
+    """Messages anyone could publish to the mailbox: not a mapping, no method..."""
+    with app.connection_for_write() as connection:
+        exchange = app.control.mailbox.exchange
+        producer = connection.Producer(exchange=exchange)
+        for junk in ("not a mapping", {"no_method": 1}, ["a", "list"],
+                     {"method": "ping", "arguments": "junk", "destination": [node]}):
+            producer.publish(junk, exchange=exchange, routing_key="",
+                             declare=[exchange], serializer="json")
 
 
 def test_inspect_and_control_replies_match_celery(broker, interop_log_dir):

@@ -36,9 +36,12 @@ def who(self, x):
 
 @app.task(bind=True)
 def retry_to_side(self, x, y=0):
-    """Retry once into ``<queue>.side`` with routing options, where nobody consumes."""
+    """Retry once into ``<queue>.side`` with routing options, where nobody consumes.
+
+    (Celery before 5.7 refuses to retry with ``kwargs={"x": x}`` beside the
+    request's own positional ``x``: its argument check fails the retry.)"""
     raise self.retry(countdown=30, queue=SIDE, priority=3, headers={"extra": "h"},
-                     kwargs={"x": x, "y": 1})
+                     args=(x,), kwargs={"y": 1})
 
 
 @app.task(bind=True, autoretry_for=(KeyError,), retry_backoff=0.1, retry_jitter=False,
