@@ -20,13 +20,16 @@ demo: $(BIN)/ccworker
 cluster: $(BIN)/ccworker
 	$(BIN)/python docker/cluster.py
 
-# Unit and interop tests (needs Redis and RabbitMQ, see README). Two parts:
+# Unit and interop tests (needs Redis and RabbitMQ, see README). Three parts:
 # every module not marked `serial` on JOBS processes side by side (whole
 # modules per process, so a module's shared workers stay one process's), then
-# the `serial` ones (their own broker nodes, restarts, kills) alone. Both
-# parts always run; the target fails if either did. tests/README.md has the
+# the `serial` ones (their own broker nodes, restarts, kills) alone, then the
+# Celery version matrix (tests/matrix.py: the differential scenarios under
+# every older supported Celery, each in a venv it builds once and reuses).
+# All parts always run; the target fails if any did. tests/README.md has the
 # time budget and the ways to run less.
 JOBS ?= 4
+MATRIX_JOBS ?= 4
 PYTEST := $(BIN)/python -m pytest
 
 test: $(BIN)/ccworker
@@ -34,6 +37,7 @@ test: $(BIN)/ccworker
 	@status=0; \
 	$(PYTEST) tests -q -n $(JOBS) --dist loadfile -m "not serial" || status=$$?; \
 	$(PYTEST) tests -q -m serial || status=$$?; \
+	$(BIN)/python tests/matrix.py -n $(MATRIX_JOBS) || status=$$?; \
 	exit $$status
 
 # What to run before a commit (about 2 minutes): the unit tests and the

@@ -177,6 +177,14 @@ def control_replies_are_57() -> bool:
     return celery_version() >= (5, 7)
 
 
+def control_replies_are_53() -> bool:
+    """Whether the release's replies have the shapes 5.3 gave them. Before
+    (5.2): ``revoke`` says ``tasks <id>, <id> flagged as revoked`` (5.3+:
+    the repr of the id set), and the ``pool`` of ``inspect stats`` has no
+    ``implementation`` entry."""
+    return celery_version() >= (5, 3)
+
+
 def worker_option_names() -> frozenset[str]:
     """The parameter names of the installed release's ``celery worker`` command."""
     from celery.bin.worker import worker

@@ -33,7 +33,11 @@ from celery.utils.serialization import jsonify
 from celery.utils.time import rate as celery_rate
 from kombu.utils.encoding import safe_repr
 
-from celerycompat.celery_release import control_replies_are_57, revoke_stores
+from celerycompat.celery_release import (
+    control_replies_are_53,
+    control_replies_are_57,
+    revoke_stores,
+)
 from celerycompat.consumer.revoked_stamps import intersecting, parse_cli_headers
 
 logger = logging.getLogger("celery.worker.control")
@@ -83,6 +87,9 @@ def handlers_for() -> dict[str, Callable[..., Any]]:
     handlers = {name: fun for name, fun in Panel.data.items()
                 if getattr(fun, "__module__", "") != "celery.worker.control"}
     handlers.update(COMMANDS)
+    if not control_replies_are_53():
+        # Stamping came with 5.3: a 5.2 worker answers it as an unknown command.
+        handlers.pop("revoke_by_stamped_headers")
     return handlers
 
 
@@ -204,8 +211,9 @@ def revoke(state: ControlState, task_id: Any, terminate: bool = False, signal: A
         if not terminated:
             return ok("terminate: tasks unknown")
         return ok(f"terminate: {', '.join(terminated)}")
-    logger.info("Tasks flagged as revoked: %s", ", ".join(task_ids))
-    return ok(f"tasks {task_ids} flagged as revoked")
+    listed = ", ".join(task_ids)
+    logger.info("Tasks flagged as revoked: %s", listed)
+    return ok(f"tasks {task_ids if control_replies_are_53() else listed} flagged as revoked")
 
 
 def _requests_by_id(consumer: Any, task_ids: set[str]) -> list[Any]:
@@ -403,13 +411,20 @@ def stats(state: ControlState, **kwargs: Any) -> dict[str, Any]:
         "pid": os.getpid(),
         "clock": str(state.app.clock.value),
         "uptime": int(time.monotonic() - state.started),
-        "pool": consumer.pool.info(),
+        "pool": _pool_info(consumer.pool),
         # Only with --autoscale, after ``pool`` (Celery's Autoscaler step).
         **({"autoscaler": autoscaler.info()} if autoscaler is not None else {}),
         "broker": consumer.broker_info(),
         "prefetch_count": consumer.prefetch_count,
         "rusage": rusage(),
     }
+
+
+def _pool_info(pool: Any) -> dict[str, Any]:
+    info = pool.info()
+    if not control_replies_are_53():
+        info.pop("implementation", None)  # Celery 5.2's pools do not name themselves
+    return info
 
 
 def rusage() -> dict[str, Any]:

@@ -42,11 +42,15 @@ class Mingle:
 
     def _ask(self, ours: list[str]) -> None:
         try:
-            peers = self._peer_count()
+            peers, answering_self = self._peer_count()
             if peers == 0:
                 replies = {}
             else:
-                replies = self.app.control.inspect(timeout=self.timeout, limit=peers).hello(
+                # Our own mailbox may already be consuming: it answers the
+                # broadcast too (``{us: None}``, dropped below), and that reply
+                # must not use up the count the wait ends at.
+                limit = None if peers is None else peers + answering_self
+                replies = self.app.control.inspect(timeout=self.timeout, limit=limit).hello(
                     self.hostname, ours) or {}
         except Exception as exc:
             logger.warning("mingle: could not reach the other workers: %r", exc)
@@ -54,8 +58,9 @@ class Mingle:
         replies.pop(self.hostname, None)
         self._replies = replies
 
-    def _peer_count(self) -> int | None:
-        """How many other nodes listen on the pidbox exchange, or None if unknown.
+    def _peer_count(self) -> tuple[int | None, int]:
+        """How many other nodes listen on the pidbox exchange (None if unknown),
+        and 1 if this node's own mailbox queue is bound already, else 0.
 
         Celery waits the whole reply timeout (1 s) because a broadcast cannot
         know how many will answer. On Redis the exchange's binding table lists
@@ -67,9 +72,10 @@ class Mingle:
         own_queue = f"{self.hostname}.{mailbox.namespace}.pidbox"
         with self.app.connection_for_write() as connection:
             if connection.transport.driver_type != "redis":
-                return None
+                return None, 0
             table = connection.default_channel.get_table(mailbox.exchange.name)
-        return len({queue for _, _, queue in table if queue != own_queue})
+        queues = {queue for _, _, queue in table}
+        return len(queues - {own_queue}), int(own_queue in queues)
 
     def poll(self) -> None:
         """On the consumer thread: merge the replies once they have arrived."""

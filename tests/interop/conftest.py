@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -41,6 +42,29 @@ if str(HERE / "projects") not in sys.path:
     sys.path.insert(0, str(HERE / "projects"))
 
 import harness  # noqa: E402
+
+
+# Celery's Redis result consumer keys its subscriptions by task id, and an
+# ``AsyncResult`` unsubscribes its id in ``__del__``. AsyncResults sit in
+# reference cycles, so the cyclic garbage collector runs those ``__del__``
+# whenever it likes: (a) inside another pubsub command of the consumer,
+# nested, which deadlocks the test process for good (Celery <= 5.5 with
+# redis-py 5; seen in the version matrix under 5.4.0); (b) while another
+# AsyncResult of the same id waits in ``get()``, which unsubscribes it, so
+# the SUCCESS publish is missed and ``get()`` times out with the result
+# stored (a signature's ``freeze()`` leaves such a twin; seen under 5.6.3).
+# Both are the client's defects, not the workers' under test. So automatic
+# collection is off in the test process, and each test ends with a
+# collection, when no pubsub command runs and nothing waits.
+@pytest.fixture(autouse=True)
+def _no_garbage_collection_during_a_test():
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+
 
 START_HINTS = {
     "redis": (

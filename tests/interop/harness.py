@@ -815,6 +815,40 @@ class Observer:
         })
         return value
 
+    def get_stored(self, task_id: str, label: str, timeout: float = GET_TIMEOUT) -> Any:
+        """What `get` records, for a result the scenario did not send itself (a
+        link callback, an errback), read from the backend once it is ready.
+
+        Not ``app.AsyncResult(id).get()``: the client already holds another
+        AsyncResult of that id (the signature's ``freeze()``, the parent's
+        children) and Celery's Redis result consumer routes the publish to
+        whichever it registered, so the new one's ``get()`` can time out
+        with the result stored (seen on both workers under Celery 5.4 and 5.6).
+        """
+        from celery import states
+
+        deadline = time.monotonic() + timeout
+        while True:
+            meta = self.app.backend.get_task_meta(task_id, cache=False)
+            if meta["status"] in states.READY_STATES:
+                break
+            if time.monotonic() > deadline:
+                self.record(label, {"timeout": timeout, "state": meta["status"]})
+                return None
+            time.sleep(0.02)
+        self.record(label, {
+            "value": plain(meta["result"]),
+            "state": meta["status"],
+            "traceback_last": last_line(meta.get("traceback")),
+        })
+        return meta["result"]
+
+    def get_stored_and_meta(self, task_id: str, label: str) -> Any:
+        value = self.get_stored(task_id, label)
+        if self.worker.spec.backend == "redis":
+            self.meta(task_id, label)
+        return value
+
     def meta_raw(self, task_id: str) -> tuple:
         key = f"celery-task-meta-{task_id}"
         pipe = self.results.pipeline(transaction=True)

@@ -33,6 +33,7 @@ import redis
 from celery import chain, chord, group
 
 from celerycompat.celery_release import reject_fails_task
+from celerycompat.protocol.codecs import KOMBU_TYPED_JSON
 from harness import GET_TIMEOUT, Raw, last_line, plain, ttl_bucket
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(300)]
@@ -192,12 +193,13 @@ def test_serializers(broker, run_differential):
     celery_obs, cc_obs = wire(run_differential, scenario, broker)
     assert celery_obs["json"]["value"]["args"][0] == ["int", 1]
     assert celery_obs["msgpack"]["value"]["args"][3] == ["list", [1, [2, None]]]
-    assert celery_obs["pickle-only-types"]["value"]["args"][1][0] == "tuple"
-    assert celery_obs["pickle-only-types"]["state"] == "SUCCESS"
     assert celery_obs["unencodable-result"]["value"]["exception"] == (
         "kombu.exceptions.EncodeError")
-    assert celery_obs["msgpack-bytes"]["value"]["args"][0][0] == "bytes"
-    assert celery_obs["yaml-dates"]["value"]["args"][0][0] == "datetime"
+    if KOMBU_TYPED_JSON:  # kombu 5.2's JSON cannot store bytes, nor say "tuple"
+        assert celery_obs["pickle-only-types"]["state"] == "SUCCESS"
+        assert celery_obs["pickle-only-types"]["value"]["args"][1][0] == "tuple"
+        assert celery_obs["msgpack-bytes"]["value"]["args"][0][0] == "bytes"
+        assert celery_obs["yaml-dates"]["value"]["args"][0][0] == "datetime"
     assert celery_obs["msgpack-add"]["value"] == 5
     assert celery_obs == cc_obs
 
@@ -228,8 +230,9 @@ def test_compression(broker, run_differential):
     assert celery_obs["zlib"]["value"] == [["zlib", ("compressible " * 5)[:50]], {"n": 1}]
     assert celery_obs["lzma"]["state"] == "SUCCESS"
     assert celery_obs["zlib-big.ok"] is True
-    assert celery_obs["msgpack-bzip2"]["value"]["args"][0][0] == "bytes"
-    assert celery_obs["pickle-lzma"]["value"]["args"][0][0] == "tuple"
+    if KOMBU_TYPED_JSON:
+        assert celery_obs["msgpack-bzip2"]["value"]["args"][0][0] == "bytes"
+        assert celery_obs["pickle-lzma"]["value"]["args"][0][0] == "tuple"
     assert celery_obs == cc_obs
 
 
@@ -645,13 +648,13 @@ def test_link_callbacks(broker, run_differential):
         one = _sig(observe, app, "add", 10)
         parent = observe.send("add", (2, 3), link=one)
         observe.get_and_meta(parent, "one.parent")
-        observe.get_and_meta(app.AsyncResult(one.id), "one.callback")
+        observe.get_stored_and_meta(one.id, "one.callback")
 
         first, second = _sig(observe, app, "add", 100), _sig(observe, app, "add", 200)
         parent = observe.send("add", (1, 1), link=[first, second])
         observe.get_and_meta(parent, "two.parent")
-        observe.get_and_meta(app.AsyncResult(first.id), "two.first")
-        observe.get_and_meta(app.AsyncResult(second.id), "two.second")
+        observe.get_stored_and_meta(first.id, "two.first")
+        observe.get_stored_and_meta(second.id, "two.second")
 
         unused = _sig(observe, app, "add", 1)
         failed = observe.send("fail", (1,), link=unused)
@@ -680,12 +683,12 @@ def test_link_error(broker, run_differential):
 
         errback = _sig(observe, app, "on_err_task")
         observe.get_and_meta(observe.send("fail", (2,), link_error=errback), "task.failed")
-        observe.get_and_meta(app.AsyncResult(errback.id), "task.errback")
+        observe.get_stored_and_meta(errback.id, "task.errback")
 
         both = _sig(observe, app, "on_err_task")
         observe.get_and_meta(observe.send("fail", (3,), link_error=[inline, both]),
                              "both.failed")
-        observe.get_and_meta(app.AsyncResult(both.id), "both.errback")
+        observe.get_stored_and_meta(both.id, "both.errback")
 
         unused = _sig(observe, app, "on_err_task")
         observe.get_and_meta(observe.send("add", (1, 2), link_error=unused), "success")

@@ -78,3 +78,52 @@ def test_per_release_values(monkeypatch, version, sender, redelivered):
     monkeypatch.setattr(release, "celery_version", lambda: version)
     assert release.process_init_sender("w@h") == sender
     assert release.redelivered_default() is redelivered
+
+
+@pytest.mark.parametrize("version, revoke, replies57, replies53, reject_fails, stamps", [
+    ((5, 2, 7), None, False, False, False, "none"),
+    ((5, 3, 6), None, False, True, False, "all"),
+    ((5, 5, 3), None, False, True, False, "all"),
+    ((5, 6, 3), "every id", False, True, False, "all"),
+    ((5, 7, 0), "not started", True, True, True, "named"),
+])
+def test_per_release_rules(monkeypatch, version, revoke, replies57, replies53, reject_fails,
+                           stamps):
+    """Each rule the 5.2-5.6 matrix found, as the release's own source has it."""
+    monkeypatch.setattr(release, "celery_version", lambda: version)
+    assert release.revoke_stores() == revoke
+    assert release.control_replies_are_57() is replies57
+    assert release.control_replies_are_53() is replies53
+    assert release.reject_fails_task() is reject_fails
+    assert release.result_stamps() == stamps
+
+
+@pytest.mark.parametrize("version, aware", [((5, 3, 6), False), ((5, 4, 0), True),
+                                             ((5, 7, 0), True)])
+def test_date_done_is_naive_before_54(monkeypatch, version, aware):
+    """``date_done`` before 5.4 is ``datetime.utcnow().isoformat()``: no offset."""
+    from celery import Celery
+
+    monkeypatch.setattr(release, "celery_version", lambda: version)
+    stamp = release.result_clock(Celery(set_as_current=False))().isoformat()
+    assert stamp.endswith("+00:00") is aware
+
+
+def test_extended_meta_stamps_by_release():
+    """5.3-5.6 copy every stamp of the request into an extended result; 5.7
+    only those named in ``stamped_headers``; 5.2 none."""
+    from datetime import datetime
+    from types import SimpleNamespace
+
+    from celerycompat.protocol.results import result_meta
+
+    request = SimpleNamespace(task="t", args=[], kwargs={}, hostname="w", retries=0,
+                              delivery_info={"routing_key": "q"}, children=[],
+                              stamps={"a": 1, "b": 2}, stamped_headers=["a"])
+
+    def meta(stamps):
+        return result_meta(1, "SUCCESS", None, request, now=datetime.now, extended=True,
+                           children=None, stamps=stamps)
+    assert ("a" in meta("named"), "b" in meta("named")) == (True, False)
+    assert ("a" in meta("all"), "b" in meta("all")) == (True, True)
+    assert "stamped_headers" not in meta("none") and "a" not in meta("none")

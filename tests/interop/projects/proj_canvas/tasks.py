@@ -2,6 +2,7 @@
 
 import os
 
+import celery
 import redis
 from celery.exceptions import Reject
 
@@ -44,8 +45,13 @@ def retry_to_side(self, x, y=0):
                      args=(x,), kwargs={"y": 1})
 
 
-@app.task(bind=True, autoretry_for=(KeyError,), retry_backoff=0.1, retry_jitter=False,
-          retry_backoff_max=0.3, max_retries=3)
+#: Celery 5.2 takes ``int(retry_backoff)`` (0.1 -> 0: no backoff, so the task's
+#: 180 s default delay); from 5.3 a float factor is kept. 1 s retries there.
+_OLD_BACKOFF = tuple(int(p) for p in celery.__version__.split(".")[:2]) < (5, 3)
+
+
+@app.task(bind=True, autoretry_for=(KeyError,), retry_backoff=1 if _OLD_BACKOFF else 0.1,
+          retry_jitter=False, retry_backoff_max=1 if _OLD_BACKOFF else 0.3, max_retries=3)
 def backoff(self, succeed_at):
     record("run", id=self.request.id, retries=self.request.retries)
     if self.request.retries < succeed_at:
