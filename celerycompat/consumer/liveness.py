@@ -167,8 +167,10 @@ def kombu_sockets(connection: Any) -> list[socket.socket]:
         return []
     socks: list[Any] = []
     transport = getattr(connection, "_connection", None)
-    # py-amqp: one socket per connection.
-    sock = getattr(transport, "sock", None)
+    # py-amqp: one socket per connection, read from its socket transport
+    # (``_transport``): ``Connection.sock`` goes through ``.transport``, which
+    # on a collected connection warns (AMQPDeprecationWarning) and connects.
+    sock = getattr(getattr(transport, "_transport", None), "sock", None)
     if sock is not None:
         socks.append(sock)
     # Virtual transports (Redis): the transport object holds the channels.

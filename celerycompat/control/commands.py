@@ -1,7 +1,8 @@
 """The inspect and control commands a ccworker answers (wire contract F8-F11).
 
 Each command is a function ``(state, **arguments) -> reply`` with the name
-and reply shape of the Celery 5.7 command, so ``celery inspect``, ``celery
+and reply shape of the installed Celery's command (5.7's, and where an older
+release answered otherwise, that release's: see ``celery_release``), so ``celery inspect``, ``celery
 control``, ``celery status`` and Flower parse the replies as they parse a
 Celery worker's. ``state`` is a `ControlState`, with the attributes
 (``app``, ``hostname``, ``consumer``) that custom commands registered with
@@ -177,8 +178,10 @@ def revoke(state: ControlState, task_id: Any, terminate: bool = False, signal: A
            **kwargs: Any) -> dict[str, str]:
     """Flag ids as revoked (B17-B20): they are discarded (REVOKED) if they arrive or wait here.
 
-    As Celery 5.7, REVOKED is also written at once for every id this worker
-    is not running whose stored state is not final or started elsewhere.
+    REVOKED is also written at once as the installed release does it
+    (`revoke_stores`): 5.7 for every id this worker is not running whose
+    stored state is not final or started elsewhere, 5.6 for every id,
+    earlier releases for none.
     With ``terminate``, a running task is ended (`Consumer.terminate`:
     prefork sends ``signal`` to its child; gevent and threads end the run,
     which Celery's threads pool cannot) and REVOKED ``terminated`` announced;

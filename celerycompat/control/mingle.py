@@ -41,24 +41,29 @@ class Mingle:
         self._thread.start()
 
     def _ask(self, ours: list[str]) -> None:
+        # A connection of its own, as Celery's mingle uses the consumer's:
+        # not one from the app's pool, which after a broker restart hands out
+        # a connection the broker closed (``ConnectionForced`` on first use).
         try:
-            peers, answering_self = self._peer_count()
-            if peers == 0:
-                replies = {}
-            else:
-                # Our own mailbox may already be consuming: it answers the
-                # broadcast too (``{us: None}``, dropped below), and that reply
-                # must not use up the count the wait ends at.
-                limit = None if peers is None else peers + answering_self
-                replies = self.app.control.inspect(timeout=self.timeout, limit=limit).hello(
-                    self.hostname, ours) or {}
+            with self.app.connection_for_write() as connection:
+                peers, answering_self = self._peer_count(connection)
+                if peers == 0:
+                    replies = {}
+                else:
+                    # Our own mailbox may already be consuming: it answers the
+                    # broadcast too (``{us: None}``, dropped below), and that
+                    # reply must not use up the count the wait ends at.
+                    limit = None if peers is None else peers + answering_self
+                    replies = self.app.control.inspect(
+                        timeout=self.timeout, limit=limit, connection=connection,
+                    ).hello(self.hostname, ours) or {}
         except Exception as exc:
             logger.warning("mingle: could not reach the other workers: %r", exc)
             replies = {}
         replies.pop(self.hostname, None)
         self._replies = replies
 
-    def _peer_count(self) -> tuple[int | None, int]:
+    def _peer_count(self, connection: Any) -> tuple[int | None, int]:
         """How many other nodes listen on the pidbox exchange (None if unknown),
         and 1 if this node's own mailbox queue is bound already, else 0.
 
@@ -70,10 +75,9 @@ class Mingle:
         """
         mailbox = self.app.control.mailbox
         own_queue = f"{self.hostname}.{mailbox.namespace}.pidbox"
-        with self.app.connection_for_write() as connection:
-            if connection.transport.driver_type != "redis":
-                return None, 0
-            table = connection.default_channel.get_table(mailbox.exchange.name)
+        if connection.transport.driver_type != "redis":
+            return None, 0
+        table = connection.default_channel.get_table(mailbox.exchange.name)
         queues = {queue for _, _, queue in table}
         return len(queues - {own_queue}), int(own_queue in queues)
 

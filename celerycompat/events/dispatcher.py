@@ -73,18 +73,22 @@ class EventDispatcher:
         if now < self._next_connect:
             return False
         self._next_connect = now + RECONNECT_INTERVAL
+        # Held from the start, so the liveness watchdog's breaker can shut its
+        # sockets: opening the channel waits for the broker without a timeout,
+        # and a broker gone silent mid-setup would otherwise hold the consumer
+        # thread for good (the breaker found no connection to break).
+        self._connection = connection = self.app.connection_for_write()
         try:
-            connection = self.app.connection_for_write()
             # One attempt, no sleep: this runs on the consumer thread, and
             # kombu's max_retries=1 means a second attempt after 2 s asleep.
             connection.ensure_connection(max_retries=0)
             self._exchange = event_exchange(connection, self.app.conf.event_exchange)
             self._producer = Producer(connection.default_channel, exchange=self._exchange,
                                       serializer=self.serializer, auto_declare=False)
-            self._connection = connection
             return True
         except Exception as exc:
             logger.warning("Cannot connect to publish events: %r; will retry", exc)
+            self._drop_connection()
             return False
 
     def _drop_connection(self) -> None:

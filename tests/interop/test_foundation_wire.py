@@ -593,9 +593,14 @@ def test_acks_late(broker, run_differential):
         # Celery acks "when the task starts" (B5), but through
         # ``Consumer.call_soon_ack`` -> ``hub.call_soon``, i.e. on the next
         # event-loop tick, which with the solo pool is after the task ran.
-        observe.get(observe.send("ack_probe"), "early-ack.probe")
+        # On the other pools the early ack and the task's start race each
+        # other (both workers ack "when the task starts", from the consumer
+        # while the task runs elsewhere): what the probe sees is timing.
+        if observe.worker.spec.pool == "solo":
+            observe.get(observe.send("ack_probe"), "early-ack.probe")
         observe.get(observe.send("ack_probe_late"), "late-ack.probe")
-        observe.get(observe.send("ack_probe", countdown=0.5), "early-ack-eta.probe")
+        if observe.worker.spec.pool == "solo":
+            observe.get(observe.send("ack_probe", countdown=0.5), "early-ack-eta.probe")
         observe.queue_depth("queue-depth")
         unacked(observe, "unacked-after")
 

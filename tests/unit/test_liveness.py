@@ -141,3 +141,61 @@ def test_breaking_a_closed_socket_is_harmless():
     sock = socket.socket()
     sock.close()
     assert break_sockets([sock]) == 0
+
+
+def test_the_event_connection_being_set_up_is_within_the_breakers_reach():
+    """A broker that goes silent while the event connection opens its channel
+    (a wait without a timeout) must leave the watchdog's breaker something
+    to break: the connection is the dispatcher's from the moment it exists.
+    Before, it was stored only once set up, and the consumer thread hung."""
+    from types import SimpleNamespace
+
+    from celerycompat.events.dispatcher import EventDispatcher
+
+    seen = []
+
+    class Connection:
+        transport = SimpleNamespace(driver_type="amqp")
+
+        def ensure_connection(self, max_retries=None):
+            seen.append(("connect", dispatcher._connection is self))
+
+        @property
+        def default_channel(self):
+            seen.append(("channel", dispatcher._connection is self))
+            raise ConnectionError("the broker went silent; the breaker shut the socket")
+
+        def release(self):
+            seen.append(("released", dispatcher._connection is None))
+
+    app = SimpleNamespace(clock=SimpleNamespace(), connection_for_write=Connection,
+                          conf=SimpleNamespace(event_serializer="json", event_exchange="celeryev"))
+    dispatcher = EventDispatcher(app, "w@h", task_events=True)
+    assert dispatcher._ready() is False
+    assert seen == [("connect", True), ("channel", True), ("released", True)]
+    assert dispatcher._connection is None and dispatcher._producer is None
+
+
+def test_sockets_of_a_collected_amqp_connection_are_read_without_reconnecting():
+    """py-amqp's ``Connection.sock`` goes through ``.transport``, which on a
+    connection without one (never connected, or collected after a loss) warns
+    ``AMQPDeprecationWarning`` and connects: the watchdog must not do that."""
+    import warnings
+    from types import SimpleNamespace
+
+    import amqp
+
+    from celerycompat.consumer.liveness import kombu_sockets
+
+    idle = amqp.Connection(host="127.0.0.1:1", connect_timeout=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kombu_sockets(SimpleNamespace(_connection=idle)) == []
+    left, right = socket.socketpair()
+    try:
+        idle._transport = SimpleNamespace(sock=left)
+        assert kombu_sockets(SimpleNamespace(_connection=idle)) == [left]
+    finally:
+        idle._transport = None
+        left.close()
+        right.close()
