@@ -215,8 +215,7 @@ class Worker:
                 logger.critical("Cannot load the state database %s: %r", options.statedb, exc,
                                 exc_info=True)
                 statedb.close()
-                self.pool.stop(wait=False)
-                raise SystemExit(EX_FAILURE) from exc
+                raise SystemExit(EX_FAILURE) from exc  # run() stops the pool
             self.statedb = statedb
         # -B: Celery's beat in a child process, after the pool and before the
         # consumer (the Beat bootstep's place) and our signal handlers (beat.py).
@@ -386,7 +385,11 @@ class Worker:
     # -- run ---------------------------------------------------------------------
 
     def run(self) -> int:
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:
+            self._abandon_setup()
+            raise
         self.install_signal_handlers()
         assert self.consumer is not None
         try:
@@ -403,6 +406,20 @@ class Worker:
                 self.observability.stop()
             signals.worker_shutdown.send(sender=self)
         return self.exitcode
+
+    def _abandon_setup(self) -> None:
+        """`setup` failed part way (an unreadable state db, a broker URL kombu
+        refuses, a project's receiver raising): stop what it had started, so
+        no pool process, beat child or metrics server outlives the failed start."""
+        self._stop_beat()
+        for part, stop in ((self.consumer, lambda c: c.close()),
+                           (self.pool, lambda p: p.stop(wait=False)),
+                           (self.observability, lambda o: o.stop())):
+            if part is not None:
+                try:
+                    stop(part)
+                except Exception:
+                    logger.debug("stopping %r after a failed start failed", part, exc_info=True)
 
     def _stop_beat(self) -> None:
         if self.beat is not None:

@@ -707,12 +707,23 @@ class RedisBroker(KombuBroker):
 
 
 def _server_version(client: Any) -> tuple[int, ...]:
-    """``redis_version`` of INFO as a tuple; (0,) if the server hides it."""
+    """``redis_version`` of INFO as a tuple; (0,) if the server hides it.
+
+    Unknown is taken as old: waiting falls back to BRPOP, which can lose a
+    message popped at the instant of a crash (docs/reliability.md), so that
+    is said once, not done silently.
+    """
     try:
         version = client.info("server").get("redis_version", "0")
-        return tuple(int(part) for part in str(version).split(".")[:2])
-    except Exception:
-        return (0,)
+        parsed = tuple(int(part) for part in str(version).split(".")[:2])
+        why = None if parsed >= (1,) else f"INFO says redis_version={version!r}"
+    except Exception as exc:
+        parsed, why = (0,), f"INFO failed: {exc!r}"
+    if why is not None:
+        logger.warning("Redis server version unknown (%s): waiting for tasks with BRPOP, "
+                       "as kombu does; a message popped at the instant of a crash can be "
+                       "lost (BLMOVE needs Redis >= 6.2)", why)
+    return parsed
 
 
 def _mark_redelivered(payload: dict) -> None:

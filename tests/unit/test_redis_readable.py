@@ -10,6 +10,8 @@ import os
 import resource
 import socket
 
+import pytest
+
 from celerycompat.consumer.redis_broker import readable
 
 
@@ -39,3 +41,24 @@ def test_readable_handles_descriptors_above_1024() -> None:
             os.close(fd)
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("info, expected, warned", [
+    ({"redis_version": "7.0.15"}, (7, 0), False),
+    ({}, (0,), True),
+    (RuntimeError("ERR unknown command 'INFO'"), (0,), True),
+])
+def test_an_unknown_server_version_is_said_not_silently_taken_as_old(caplog, info, expected,
+                                                                       warned):
+    """Unknown means BRPOP (which can lose a message popped at a crash): one WARNING."""
+    from celerycompat.consumer.redis_broker import _server_version
+
+    class Client:
+        def info(self, section):
+            if isinstance(info, Exception):
+                raise info
+            return info
+
+    with caplog.at_level("WARNING"):
+        assert _server_version(Client()) == expected
+    assert any("Redis server version unknown" in r.getMessage() for r in caplog.records) is warned
