@@ -457,6 +457,16 @@ def test_cold_shutdown(how, pool, interop_log_dir, redis_available):
         f"the running task vanished: nothing stored, message not requeued: {obs}\n{log}")
 
 
+def filled_depth(broker, queue: str, expected: int, timeout: float = 5.0) -> int:
+    """The queue's depth once it is ``expected``, or whatever it is at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    depth = broker.queue_depth(queue)
+    while depth != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        depth = broker.queue_depth(queue)
+    return depth
+
+
 @pytest.mark.parametrize("broker_name", ["redis", "amqp"])
 def test_warm_shutdown_returns_reserved_messages(broker_name, request, interop_log_dir):
     """``-P threads -c 1``, prefetch 4: one long task runs, more are reserved
@@ -489,9 +499,13 @@ def test_warm_shutdown_returns_reserved_messages(broker_name, request, interop_l
             assert wait_for(lambda w=worker, k=kind: any(
                 r[0] == "started" and r[1]["id"] == ids[k][0] for r in records(w)), 15), \
                 (kind, "long task never started", worker.log_tail(40))
-        time.sleep(0.8)  # let the prefetch window fill
         for kind, worker in firsts.items():
-            observed[kind] = {"depth_while_running": broker.queue_depth(worker.queue)}
+            # The window fills after the long task's early ack: wait for the
+            # depth Celery's prefetch gives (7 sent, 1 running, 4 reserved)
+            # rather than a fixed time; a worker holding more or fewer is
+            # recorded with its own depth when the wait ends.
+            depth = filled_depth(broker, worker.queue, expected=2)
+            observed[kind] = {"depth_while_running": depth}
             send_signal(worker, signal.SIGTERM)
         for kind, worker in firsts.items():
             obs = observed[kind]
