@@ -2,9 +2,9 @@
 
 Each command is a function ``(state, **arguments) -> reply`` with the name
 and reply shape of the installed Celery's command (5.7's, and where an older
-release answered otherwise, that release's: see ``celery_release``), so ``celery inspect``, ``celery
-control``, ``celery status`` and Flower parse the replies as they parse a
-Celery worker's. ``state`` is a `ControlState`, with the attributes
+release answered otherwise, that release's: see ``celery_release``), so
+``celery inspect``, ``celery control``, ``celery status`` and Flower parse
+the replies as they parse a Celery worker's. ``state`` is a `ControlState`, with the attributes
 (``app``, ``hostname``, ``consumer``) that custom commands registered with
 ``@inspect_command``/``@control_command`` read from Celery's own state.
 

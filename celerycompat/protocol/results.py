@@ -3,8 +3,9 @@
 Pure: given the state, the value and the request, return the dict a Celery
 backend would serialize. No clock, no settings lookup, no I/O: the caller
 passes ``now`` (the release's clock, ``celery_release.result_clock``) and
-the few settings that shape the document. Keeping it pure lets the unit tests compare every
-field and every byte with Celery's own ``_get_result_meta`` offline.
+the few settings that shape the document. Keeping it pure lets the unit
+tests compare every field and every byte with Celery's own
+``_get_result_meta`` offline.
 
 Facts mirrored (celery/backends/base.py, 5.7):
 
