@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,6 +32,9 @@ def main() -> int:
     )
     try:
         _wait_ready(worker)
+        # Keep reading the worker's output: a pipe nobody reads fills (64 KiB),
+        # and the worker then blocks on its next log line, tasks and all.
+        threading.Thread(target=_drain, args=(worker,), daemon=True).start()
         from celery import chain
         from proj.celery import app  # the project's app: shared_task binds to it
         from proj.tasks import add, divide, whoami
@@ -52,13 +56,24 @@ def main() -> int:
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
-            out, _ = worker.communicate(timeout=15)
+            worker.wait(timeout=15)
         except subprocess.TimeoutExpired:
             worker.kill()
-            out, _ = worker.communicate()
+            worker.wait()
+        time.sleep(0.2)  # the reader takes the last lines
         print("--- worker log (tail) ---")
-        print("\n".join(out.splitlines()[-8:]))
+        print("".join(_LOG[-8:]).rstrip())
         shutil.rmtree(data, ignore_errors=True)
+
+
+#: Every line the worker wrote after it was ready (read by `_drain`).
+_LOG: list[str] = []
+
+
+def _drain(worker: subprocess.Popen) -> None:
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        _LOG.append(line)
 
 
 def _wait_ready(worker: subprocess.Popen, timeout: float = 30.0) -> None:
