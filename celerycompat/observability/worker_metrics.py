@@ -7,6 +7,11 @@ per loop turn. Each hook is a dictionary update under a lock; nothing here
 blocks or does I/O. Gauges (reserved, active, scheduled...) are not pushed
 at all: they are read from the consumer when Prometheus scrapes.
 
+The families are ``prometheus_client`` counters and histograms in a
+registry of the worker's own (observability/metrics.py), next to the
+project's own metrics; per-task label children are looked up once per task
+name, so a hook costs a dictionary lookup and one locked add.
+
 Counts follow the task events a monitor such as Flower sees (same moments,
 same outcome rules), whether or not ``-E`` is on and whatever a task's
 ``send_events``: ``failed`` counts ``task-failed`` (an exception, an
@@ -21,11 +26,34 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Mapping
 
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
 from celerycompat.execution.outcome import Outcome, Settle, State
 from celerycompat.observability.health import Probe, liveness, readiness
-from celerycompat.observability.metrics import Registry
+from celerycompat.observability.metrics import (
+    DEFAULT_BUCKETS,
+    CallbackGauges,
+    ProjectMetrics,
+    exposition,
+    multiproc_dir,
+)
 
 PREFIX = "ccworker_"
+
+
+class PerTask:
+    """A metric labelled by task name, its label children cached by name
+    (``labels()`` takes the metric's lock and builds a key every call)."""
+
+    def __init__(self, metric: Counter | Histogram) -> None:
+        self.metric = metric
+        self._children: dict[str, Any] = {}
+
+    def child(self, task: str) -> Any:
+        found = self._children.get(task)
+        if found is None:
+            found = self._children[task] = self.metric.labels(task)
+        return found
 
 
 class WorkerMetrics:
@@ -34,57 +62,61 @@ class WorkerMetrics:
     def __init__(self, *, info: Mapping[str, str] | None = None,
                  stall_timeout: float = 60.0,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 project_metrics: bool = True) -> None:
         self.clock = clock
         self.wall_clock = wall_clock
         self.stall_timeout = float(stall_timeout)
-        self.registry = registry = Registry()
+        self.registry = registry = CollectorRegistry(auto_describe=False)
+        self.gauges = gauges = CallbackGauges()
+        registry.register(gauges)
+        if project_metrics:
+            registry.register(ProjectMetrics(PREFIX, multiproc_dir()))
         self.last_turn = clock()
         self.connections = 0
         self.started = False
         self._consumer: Any = None
         labels = dict(info or {})
         started_at = wall_clock()
-        registry.gauge(PREFIX + "info", "Version and identity of this worker (always 1).",
-                       (lambda: {tuple(labels.values()): 1}) if labels else (lambda: 1),
-                       labels=tuple(labels))
-        registry.gauge(PREFIX + "start_time_seconds",
-                       "When this worker started, in seconds since the epoch.",
-                       lambda: started_at)
-        task = ("task",)
-        self.received_total = registry.counter(
-            PREFIX + "tasks_received_total", "Tasks received (task-received events).", task)
-        self.succeeded_total = registry.counter(
-            PREFIX + "tasks_succeeded_total", "Tasks that succeeded.", task)
-        self.failed_total = registry.counter(
-            PREFIX + "tasks_failed_total",
-            "Tasks that failed: an exception, an internal error, a Reject without requeue.",
-            task)
-        self.retried_total = registry.counter(
-            PREFIX + "tasks_retried_total", "Tasks that asked to be retried.", task)
-        self.rejected_total = registry.counter(
-            PREFIX + "tasks_rejected_total",
-            "Task messages rejected or requeued after the run (task-rejected events).", task)
-        self.revoked_total = registry.counter(
-            PREFIX + "tasks_revoked_total",
-            "Tasks discarded as revoked or expired (task-revoked events).", task)
-        self.ignored_total = registry.counter(
-            PREFIX + "tasks_ignored_total",
-            "Tasks that raised Ignore (task.replace() among them).", task)
-        self.runtime = registry.histogram(
+        gauges.add(PREFIX + "info", "Version and identity of this worker (always 1).",
+                   (lambda: {tuple(labels.values()): 1}) if labels else (lambda: 1),
+                   labels=tuple(labels))
+        gauges.add(PREFIX + "start_time_seconds",
+                   "When this worker started, in seconds since the epoch.",
+                   lambda: started_at)
+
+        def per_task(name: str, documentation: str) -> PerTask:
+            return PerTask(Counter(PREFIX + name, documentation, ("task",), registry=registry))
+
+        self.received_total = per_task("tasks_received_total",
+                                       "Tasks received (task-received events).")
+        self.succeeded_total = per_task("tasks_succeeded_total", "Tasks that succeeded.")
+        self.failed_total = per_task(
+            "tasks_failed_total",
+            "Tasks that failed: an exception, an internal error, a Reject without requeue.")
+        self.retried_total = per_task("tasks_retried_total", "Tasks that asked to be retried.")
+        self.rejected_total = per_task(
+            "tasks_rejected_total",
+            "Task messages rejected or requeued after the run (task-rejected events).")
+        self.revoked_total = per_task(
+            "tasks_revoked_total", "Tasks discarded as revoked or expired (task-revoked events).")
+        self.ignored_total = per_task(
+            "tasks_ignored_total", "Tasks that raised Ignore (task.replace() among them).")
+        self.runtime = PerTask(Histogram(
             PREFIX + "task_runtime_seconds",
             "Task run time: the time Celery logs in 'succeeded in', or from the start "
-            "to the outcome for other outcomes.", task)
-        self.reconnects_total = registry.counter(
+            "to the outcome for other outcomes.", ("task",), buckets=DEFAULT_BUCKETS,
+            registry=registry))
+        self.reconnects_total = Counter(
             PREFIX + "broker_reconnects_total",
-            "Broker connections re-established after a loss.")
+            "Broker connections re-established after a loss.", registry=registry)
 
     # -- what the consumer state says, read at scrape time --------------------------
 
     def watch(self, consumer: Any) -> None:
         """Add the gauges read from ``consumer`` (and its pool) at every scrape."""
         self._consumer = consumer
-        gauge = self.registry.gauge
+        gauge = self.gauges.add
         gauge(PREFIX + "tasks_reserved",
               "Prefetched tasks waiting for a pool slot (inspect reserved).",
               lambda: len(consumer.reserved))
@@ -122,33 +154,33 @@ class WorkerMetrics:
         self.started = True
 
     def received(self, request: Any) -> None:
-        self.received_total.inc(request.message.name)
+        self.received_total.child(request.message.name).inc()
 
     def revoked(self, request: Any, expired: Any = False) -> None:
-        self.revoked_total.inc(request.message.name)
+        self.revoked_total.child(request.message.name).inc()
 
     def finished(self, request: Any, outcome: Outcome, settled: Settle) -> None:
         name = request.message.name
         state = outcome.state
         if state is State.SUCCESS:
-            self.succeeded_total.inc(name)
+            self.succeeded_total.child(name).inc()
         elif state in (State.FAILURE, State.INTERNAL_ERROR):
             if settled is not Settle.REQUEUE:  # a lost task requeued has not failed yet
-                self.failed_total.inc(name)
+                self.failed_total.child(name).inc()
         elif state is State.RETRY:
-            self.retried_total.inc(name)
+            self.retried_total.child(name).inc()
         elif state is State.REJECTED:
             if not outcome.requeue:
-                self.failed_total.inc(name)
+                self.failed_total.child(name).inc()
         elif state is State.IGNORED:
-            self.ignored_total.inc(name)
+            self.ignored_total.child(name).inc()
         if settled in (Settle.DROP, Settle.REQUEUE):
-            self.rejected_total.inc(name)
+            self.rejected_total.child(name).inc()
         runtime = outcome.runtime
         if runtime is None and request.time_start is not None:
             runtime = max(0.0, self.wall_clock() - request.time_start)
         if runtime is not None:
-            self.runtime.observe(runtime, name)
+            self.runtime.child(name).observe(runtime)
 
     # -- probes (scraping thread) -------------------------------------------------------
 
@@ -170,4 +202,4 @@ class WorkerMetrics:
                          stopping=bool(consumer.should_stop))
 
     def render(self) -> str:
-        return self.registry.render()
+        return exposition(self.registry).decode()

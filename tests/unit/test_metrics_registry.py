@@ -1,34 +1,35 @@
-"""The metrics registry, the Prometheus text format, the worker's hooks and probes.
+"""The worker's metrics on ``prometheus_client``: callback gauges, the
+project's own metrics (multiprocess mode included), the hooks and probes.
 
-The exposition format is checked with ``prometheus_client``'s own parser
-(installed with Flower), so "Prometheus can read it" is tested by a reader
-that is not ours.
+The exposition is read back with ``prometheus_client``'s own parser.
 """
 
 from __future__ import annotations
 
-import math
-import threading
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import Counter as ProjectCounter
 from prometheus_client.parser import text_string_to_metric_families
 
 from celerycompat.execution.outcome import Outcome, Settle, State
 from celerycompat.observability import health
 from celerycompat.observability.metrics import (
-    Counter,
-    Histogram,
-    Registry,
-    escape_label_value,
-    format_bound,
-    format_value,
+    CallbackGauges,
+    ProjectMetrics,
+    exposition,
 )
-from celerycompat.observability.worker_metrics import WorkerMetrics
+from celerycompat.observability.worker_metrics import PREFIX, WorkerMetrics
 
 
-def parse(text: str) -> dict:
+def parse(text: str | bytes) -> dict:
     """{family name: {(sample name, sorted label pairs): value}} via prometheus_client."""
+    if isinstance(text, bytes):
+        text = text.decode()
     out = {}
     for family in text_string_to_metric_families(text):
         out[family.name] = {
@@ -37,117 +38,59 @@ def parse(text: str) -> dict:
     return out
 
 
-# -- format ----------------------------------------------------------------------------
+# -- the pieces on top of prometheus_client ------------------------------------------------
 
 
-@pytest.mark.parametrize("value, text", [
-    (0, "0"), (3, "3"), (2.0, "2"), (0.25, "0.25"), (1e-05, "1e-05"),
-    (math.inf, "+Inf"), (-math.inf, "-Inf"), (math.nan, "NaN"), (True, "1"),
-])
-def test_values_are_written_as_prometheus_reads_them(value, text):
-    assert format_value(value) == text
-
-
-def test_bucket_bounds_are_floats():
-    assert [format_bound(b) for b in (0.005, 1, 10.0, math.inf)] == \
-        ["0.005", "1.0", "10.0", "+Inf"]
-
-
-def test_label_values_are_escaped():
-    assert escape_label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
-
-
-def test_counter_exposition_round_trips_through_prometheus_parser():
-    registry = Registry()
-    counter = registry.counter("ccworker_tasks_received_total", "Tasks\nreceived.", ["task"])
-    counter.inc("proj.add")
-    counter.inc("proj.add", amount=2)
-    counter.inc('odd"name\\with\nbreaks')
-    text = registry.render()
-    assert "# HELP ccworker_tasks_received_total Tasks\\nreceived.\n" in text
-    assert "# TYPE ccworker_tasks_received_total counter\n" in text
-    assert 'ccworker_tasks_received_total{task="proj.add"} 3\n' in text
-    parsed = parse(text)["ccworker_tasks_received"]
-    assert parsed[("ccworker_tasks_received_total", (("task", "proj.add"),))] == 3
-    assert parsed[("ccworker_tasks_received_total",
-                   (("task", 'odd"name\\with\nbreaks'),))] == 1
-
-
-def test_counter_refuses_to_go_down_and_checks_labels():
-    counter = Counter("x_total", "x", ["task"])
-    with pytest.raises(ValueError):
-        counter.inc("a", amount=-1)
-    with pytest.raises(ValueError):
-        counter.inc()
-    with pytest.raises(ValueError):
-        Counter("bad name", "x")
-    with pytest.raises(ValueError):
-        Counter("x_total", "x", ["le"])
-
-
-def test_names_are_unique_in_a_registry():
-    registry = Registry()
-    registry.counter("x_total", "x")
-    with pytest.raises(ValueError):
-        registry.counter("x_total", "again")
-
-
-def test_histogram_buckets_are_cumulative_with_sum_and_count():
-    registry = Registry()
-    hist = registry.histogram("ccworker_task_runtime_seconds", "Run time.", ["task"],
-                              buckets=(0.1, 1, 10))
-    for value in (0.05, 0.1, 0.5, 5, 50):
-        hist.observe(value, "t")
-    parsed = parse(registry.render())["ccworker_task_runtime_seconds"]
-
-    def bucket(le):
-        return parsed[("ccworker_task_runtime_seconds_bucket", (("le", le), ("task", "t")))]
-
-    # ``le`` is inclusive: 0.1 falls in the 0.1 bucket.
-    assert [bucket(le) for le in ("0.1", "1.0", "10.0", "+Inf")] == [2, 3, 4, 5]
-    assert parsed[("ccworker_task_runtime_seconds_count", (("task", "t"),))] == 5
-    assert parsed[("ccworker_task_runtime_seconds_sum", (("task", "t"),))] == \
-        pytest.approx(55.65)
-
-
-def test_histogram_needs_distinct_finite_buckets():
-    with pytest.raises(ValueError):
-        Histogram("h", "h", buckets=(1, 1))
-    with pytest.raises(ValueError):
-        Histogram("h", "h", buckets=(math.inf,))
-
-
-def test_gauges_are_read_at_render_time():
-    registry = Registry()
+def test_callback_gauges_are_read_at_every_scrape():
+    registry = CollectorRegistry(auto_describe=False)
+    gauges = CallbackGauges()
+    registry.register(gauges)
     box = {"n": 1}
-    registry.gauge("g", "A gauge.", lambda: box["n"])
-    registry.gauge("g_labelled", "Labelled.", lambda: {("a",): 1, ("b",): 2.5}, ["k"])
-    assert "g 1\n" in registry.render()
+    gauges.add("g", "A gauge.", lambda: box["n"])
+    gauges.add("g_labelled", "Labelled.", lambda: {("a",): 1, ("b",): 2.5}, ["k"])
+    assert parse(exposition(registry))["g"] == {("g", ()): 1}
     box["n"] = 7
-    text = registry.render()
-    assert "g 7\n" in text
-    assert parse(text)["g_labelled"] == {("g_labelled", (("k", "a"),)): 1,
-                                         ("g_labelled", (("k", "b"),)): 2.5}
+    parsed = parse(exposition(registry))
+    assert parsed["g"] == {("g", ()): 7}
+    assert parsed["g_labelled"] == {("g_labelled", (("k", "a"),)): 1,
+                                    ("g_labelled", (("k", "b"),)): 2.5}
 
 
-def test_updates_from_many_threads_are_not_lost():
-    registry = Registry()
-    counter = registry.counter("c_total", "c", ["task"])
-    hist = registry.histogram("h", "h", ["task"])
+def test_the_projects_own_metrics_are_served_beside_the_workers():
+    counter = ProjectCounter("proj_test_orders_total", "Orders seen by a task.")
+    try:
+        counter.inc(3)
+        metrics = WorkerMetrics()
+        parsed = parse(metrics.render())
+        assert parsed["proj_test_orders"][("proj_test_orders_total", ())] == 3
+        assert "ccworker_tasks_received" in parsed
+        alone = parse(WorkerMetrics(project_metrics=False).render())
+        assert "proj_test_orders" not in alone
+    finally:
+        REGISTRY.unregister(counter)
 
-    def work():
-        for _ in range(2000):
-            counter.inc("t")
-            hist.observe(0.01, "t")
 
-    threads = [threading.Thread(target=work) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    parsed = parse(registry.render())
-    assert parsed["c"][("c_total", (("task", "t"),))] == 8000
-    assert parsed["h"][("h_count", (("task", "t"),))] == 8000
+CHILD = """
+import sys
+from prometheus_client import Counter
+Counter("proj_child_jobs_total", "Jobs.", ["kind"]).labels("a").inc(int(sys.argv[1]))
+Counter("ccworker_tasks_received_total", "A worker family in the files.").inc()
+"""
+
+
+def test_multiprocess_mode_adds_up_the_pool_processes(tmp_path):
+    """Prefork runs tasks in children: with PROMETHEUS_MULTIPROC_DIR their
+    files are added up, and the worker's own families (written there too in
+    that mode) are served once, from the worker's registry."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    children = [subprocess.run([sys.executable, "-c", CHILD, str(n)], env=env, check=True)
+                for n in (2, 5)]
+    assert len(children) == 2
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProjectMetrics(PREFIX, str(tmp_path)))
+    parsed = parse(exposition(registry))
+    assert parsed["proj_child_jobs"][("proj_child_jobs_total", (("kind", "a"),))] == 7
+    assert not [name for name in parsed if name.startswith(PREFIX)]
 
 
 # -- the worker's hooks ------------------------------------------------------------------
@@ -216,15 +159,16 @@ def test_outcomes_are_counted_as_the_task_events_report_them():
 def test_reconnects_count_connections_after_the_first():
     metrics = WorkerMetrics()
     metrics.connected()
-    assert metrics.reconnects_total.value() == 0
+    assert metrics.reconnects_total._value.get() == 0
     metrics.connected()
     metrics.connected()
-    assert metrics.reconnects_total.value() == 2
+    assert metrics.reconnects_total._value.get() == 2
 
 
 def test_gauges_read_the_consumer_and_info_labels():
     clock = Clock()
-    metrics = WorkerMetrics(info={"version": "1", "nodename": "w@h"}, clock=clock)
+    metrics = WorkerMetrics(info={"version": "1", "nodename": "w@h"}, clock=clock,
+                            project_metrics=False)
     metrics.watch(FakeConsumer())
     clock.now += 4
     parsed = parse(metrics.render())
