@@ -89,9 +89,18 @@ def maybe_patch_concurrency(argv: Optional[Sequence[str]] = None,
     return None
 
 
-def _patch_gevent() -> None:
-    from gevent import monkey
+#: What ``-P gevent`` prints when gevent is not installed (it is an extra:
+#: only that pool needs it).
+GEVENT_MISSING = ("ccworker: -P gevent needs the gevent package, which is not installed: "
+                  "pip install 'celerycompat[gevent]'")
 
+
+def _patch_gevent() -> None:
+    try:
+        from gevent import monkey
+    except ImportError:
+        sys.stderr.write(GEVENT_MISSING + "\n")
+        raise SystemExit(1) from None
     monkey.patch_all()
 
 

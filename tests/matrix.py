@@ -79,7 +79,8 @@ NOT_APPLICABLE = {
 #: ccworker's own runtime dependencies (pyproject ``dependencies`` less the
 #: ones the stack pins) and the test tools; the project's ``celery`` extras
 #: the scenarios use.
-RUNTIME = ("orjson>=3.9", "click>=8.1", "python-dateutil>=2.8.2", "hiredis", "gevent>=23.9")
+RUNTIME = ("orjson>=3.9", "click>=8.1", "python-dateutil>=2.8.2", "hiredis", "gevent>=23.9",
+           "prometheus_client>=0.17")
 TEST_TOOLS = ("pytest>=7", "pytest-timeout>=2", "pytest-rerunfailures>=14",
               "pytest-xdist>=3.5", "hypothesis>=6")
 CELERY_EXTRAS = "auth,redis,msgpack,yaml"

@@ -127,6 +127,23 @@ def test_entry_point_leaves_other_pools_alone() -> None:
     assert result["seen"]["celerycompat.cli"] is False
 
 
+def test_gevent_missing_is_one_line_saying_what_to_install() -> None:
+    """gevent is an extra: ``-P gevent`` without it exits 1 with one line."""
+    code = """
+        import sys
+        sys.modules["gevent"] = None  # as if not installed: its import fails
+        sys.argv = ["ccworker", "-A", "proj", "-P", "gevent"]
+        from celerycompat.__main__ import main
+        main()
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "ccworker: -P gevent needs the gevent package, which is not installed: "
+        "pip install 'celerycompat[gevent]'"]
+
+
 def test_patched_process_gets_gevent_queue_and_socket() -> None:
     """What the consumer relies on: its ``_done`` queue and the broker socket
     become gevent's, so waiting on them lets task greenlets run."""
