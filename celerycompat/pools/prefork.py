@@ -424,7 +424,11 @@ class PreforkPool:
     def _call(self, fn: Callable[[], Any], default: Any = None) -> Any:
         """Run ``fn`` on the supervisor thread (which owns the children) and
         return its result; at once if there is no supervisor (not started,
-        stopped). ``default`` if the supervisor does not answer in time."""
+        stopped). ``default`` if the supervisor does not take the call in
+        time; the call is then withdrawn, never run later: a ``kill`` that
+        ran after its caller reported "not terminated" would end a task the
+        consumer still counts as running. A call the supervisor has already
+        begun is waited for (they are short and never block)."""
         thread = self._thread
         if thread is None or not thread.is_alive() or thread is threading.current_thread():
             return fn()
@@ -434,12 +438,20 @@ class PreforkPool:
         try:
             return future.result(CALL_TIMEOUT)
         except FutureTimeout:  # the builtin TimeoutError only from Python 3.11
-            logger.error("The prefork pool supervisor did not answer a control request")
+            if not future.cancel():  # running: it is answering now
+                try:
+                    return future.result(CALL_TIMEOUT)
+                except FutureTimeout:
+                    pass
+            logger.error("The prefork pool supervisor did not answer a control request "
+                         "in %gs; the request was withdrawn", CALL_TIMEOUT)
             return default
 
     def _run_calls(self) -> None:
         while self._calls:
             fn, future = self._calls.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up waiting (`_call`)
             try:
                 future.set_result(fn())
             except BaseException as exc:

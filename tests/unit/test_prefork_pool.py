@@ -432,3 +432,27 @@ def test_restart_replaces_every_child_once_idle(make_pool):
     assert wait_for(lambda: busy) and busy[0].state is State.SUCCESS
     assert wait_for(lambda: len(pool.processes) == 2 and not before & set(pool.processes))
     assert run(pool, message("t.pid")).state is State.SUCCESS
+
+
+def test_a_control_call_the_supervisor_did_not_take_is_withdrawn(monkeypatch, caplog):
+    """``_call`` gives up after CALL_TIMEOUT; the call must then never run,
+    or a late ``kill`` would end a task reported as not terminated."""
+    from celerycompat.pools import prefork
+
+    monkeypatch.setattr(prefork, "CALL_TIMEOUT", 0.05)
+    pool = PreforkPool(runner=None, limit=0, hostname="w@h")
+    busy = threading.Event()
+    pool._thread = threading.Thread(target=busy.wait, daemon=True)  # alive, never serving
+    pool._thread.start()
+    pool._wake = lambda: None
+    ran = []
+    try:
+        assert pool._call(lambda: ran.append("kill") or True, default=False) is False
+        pool._run_calls()  # the supervisor gets to its queue late
+        assert ran == []
+        assert "the request was withdrawn" in caplog.text
+        # A call taken in time still answers.
+        pool._thread = None
+        assert pool._call(lambda: "answered") == "answered"
+    finally:
+        busy.set()
