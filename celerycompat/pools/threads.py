@@ -34,6 +34,15 @@ and announces REVOKED, as Celery's main process does for prefork). A job
 still in the queue is dropped when a thread picks it up. The signal number
 is not used: any signal ends the run, as SIGTERM/SIGKILL end a prefork child.
 
+A thread taken over this way is *abandoned*: it leaves when its unwind
+exception lands, which a task blocked in a C call (a socket read without
+timeout, a lock) delays until the call returns, perhaps for ever. The pool
+abandons at most as many threads as it has slots (`max_abandoned`); past
+that, a slot taken over is not given a new thread until an abandoned one
+ends (an ERROR line says so), so a task that hangs in C again and again
+costs slots, as it would on Celery's threads pool (which has no limits at
+all), and never an unbounded number of threads.
+
 ``pool_grow``/``pool_shrink``/``--autoscale`` (`grow`, `shrink`; Celery's
 threads pool has neither) start threads, or ask as many threads to leave
 once they are idle.
@@ -81,7 +90,7 @@ _JOIN_STEP = 0.2
 class _Slot(Deadline):
     """One serving thread, and the job it runs."""
 
-    __slots__ = ("thread", "job", "first")
+    __slots__ = ("thread", "job", "first", "abandoned")
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,6 +98,8 @@ class _Slot(Deadline):
         self.job: tuple[str, TaskMessage, OnDone] | None = None
         self.first: Callable[[], None] | None = None
         """Run before serving: the hard-limit report of the slot this one replaces."""
+        self.abandoned = False
+        """Taken over (hard limit, terminate): out of the pool, counted until it ends."""
 
 
 class ThreadPool:
@@ -113,6 +124,16 @@ class ThreadPool:
         """Jobs applied and not yet picked up by a thread, by ``id(job)`` (lock)."""
         self._cancelled: dict[int, tuple[str, TaskMessage, OnDone]] = {}
         """Queued jobs terminated before a thread picked them up (lock)."""
+        self._abandoned = 0
+        """Threads taken over that have not ended yet (lock)."""
+        self._owed = 0
+        """Slots waiting for an abandoned thread to end before they get a thread (lock)."""
+        self._stopping = False
+
+    @property
+    def max_abandoned(self) -> int:
+        """How many taken-over threads may still be alive before slots wait for them."""
+        return max(1, self.limit)
 
     # -- the Pool interface --------------------------------------------------------
 
@@ -143,8 +164,7 @@ class ThreadPool:
                     continue
                 if not self._watchdog.take_over(slot, TerminateUnwind):
                     return False  # writing its result already: too late
-                self._slots.remove(slot)
-                self._replace(None)
+                self._abandon(slot, None)
                 taken = job
                 break
         if taken is None:
@@ -184,6 +204,7 @@ class ThreadPool:
 
     def stop(self, wait: bool = True) -> None:
         with self._lock:
+            self._stopping = True
             count = len(self._slots)
         for _ in range(count):
             self._jobs.put(_STOP)
@@ -212,6 +233,13 @@ class ThreadPool:
         slot.ident = threading.get_ident()
         self._local.slot = slot
         try:
+            self._serve_slot(slot)
+        finally:
+            if slot.abandoned:
+                self._abandoned_ended()
+
+    def _serve_slot(self, slot: _Slot) -> None:
+        try:
             if slot.first is not None:
                 first, slot.first = slot.first, None
                 first()
@@ -233,6 +261,35 @@ class ThreadPool:
                 return
             except RunUnwind:
                 continue
+
+    def _abandon(self, slot: _Slot, first: Callable[[], None] | None) -> bool:
+        """``slot``'s thread was taken over: count it and give the slot a new
+        thread that runs ``first``, unless too many taken-over threads are
+        still alive (module docstring). The caller holds the lock. False if
+        no thread was started (``first`` did not run)."""
+        slot.abandoned = True
+        if slot in self._slots:
+            self._slots.remove(slot)
+        self._abandoned += 1
+        if self._abandoned > self.max_abandoned:
+            self._owed += 1
+            pool_logger.error(
+                "%d pool threads are still running tasks taken over at their hard time "
+                "limit or by terminate (blocked where the exception cannot reach them); "
+                "the most the pool keeps is %d, so this slot waits for one of them to end "
+                "(slots waiting: %d)", self._abandoned - 1, self.max_abandoned, self._owed)
+            return False
+        return self._replace(first)
+
+    def _abandoned_ended(self) -> None:
+        """An abandoned thread is leaving: a slot waiting for it gets a thread."""
+        with self._lock:
+            self._abandoned -= 1
+            if self._owed and not self._stopping:
+                self._owed -= 1
+                if self._replace(None):
+                    pool_logger.info("A pool slot got its thread back (slots waiting: %d)",
+                                     self._owed)
 
     def _forget(self, slot: _Slot) -> None:
         with self._lock:
@@ -318,11 +375,11 @@ class ThreadPool:
     def _on_hard(self, slot: Deadline) -> None:
         assert isinstance(slot, _Slot)
         job, hard = slot.job, slot.hard
-        if slot in self._slots:
-            self._slots.remove(slot)
         if job is None:
+            if slot in self._slots:
+                self._slots.remove(slot)
             return
-        if not self._replace(lambda: self._report_hard_limit(job, hard)):
+        if not self._abandon(slot, lambda: self._report_hard_limit(job, hard)):
             self._report_hard_limit(job, hard)  # no thread to spare: report from here
 
     def _replace(self, first: Callable[[], None] | None) -> bool:

@@ -54,6 +54,13 @@ def app():
             app.finally_ran.append(self.request.id)
         return "done"
 
+    app.unblock = threading.Event()
+
+    @app.task(name="t.stuck", shared=False)
+    def stuck():
+        app.unblock.wait()  # a C-level wait: an unwind lands only when it returns
+        return "unblocked"
+
     @app.task(name="t.add", shared=False)
     def add(x, y):
         return x + y
@@ -176,3 +183,26 @@ def test_terminate_racing_the_end_of_a_run_reports_once(app, pool_and_store):
         time.sleep(0.05)
         assert len(box) == 1 and box[0].state in (State.REVOKED, State.SUCCESS)
     assert wait_for(lambda: len(pool._slots) == 2)
+
+
+def test_abandoned_threads_are_bounded_and_slots_come_back(app, pool_and_store, caplog):
+    """Runs taken over while blocked in C leave their threads behind: at most
+    ``max_abandoned`` (the slot count) of them; past that a slot waits, with
+    an ERROR line, and gets its thread when an abandoned one ends."""
+    pool, _ = pool_and_store
+    assert pool.max_abandoned == 2
+    for n in range(3):
+        msg = message("t.stuck")
+        start(pool, msg)
+        assert wait_for(lambda: any(s.job and s.job[1].id == msg.id for s in pool._slots))
+        assert pool.terminate(msg.id, 15) is True
+        assert pool._abandoned == n + 1
+    assert len(pool._slots) == 1 and pool._owed == 1  # the third slot waits
+    assert "this slot waits for one of them to end" in caplog.text
+    box = start(pool, message("t.add", (2, 3)))  # the remaining slot still serves
+    assert wait_for(lambda: box) and box[0].state is State.SUCCESS
+    app.unblock.set()
+    assert wait_for(lambda: pool._abandoned == 0)
+    assert wait_for(lambda: len(pool._slots) == 2) and pool._owed == 0
+    results = [start(pool, message("t.add", (i, i))) for i in range(4)]
+    assert wait_for(lambda: all(results))
