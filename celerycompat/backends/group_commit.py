@@ -165,6 +165,26 @@ def take() -> Any:
     return combined
 
 
+def _after_fork_in_child() -> None:
+    """A forked process gets fresh locks and no writers.
+
+    The prefork supervisor forks replacement children while the consumer
+    thread takes `_completion_lock` for every task; a child forked at that
+    moment would inherit the lock held by a thread it does not have and
+    hang in its first write, holding its job's ack for ever. The parent's
+    writers' threads do not exist in the child either.
+    """
+    global _completion_lock, _writers_lock, _writers_pid
+    _completion_lock = threading.Lock()
+    _writers_lock = threading.Lock()
+    _writers.clear()
+    _writers_pid = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def shared_writer(identity: Any,
                   write_batch: Callable[[list[Any]], list[BaseException | None]]) -> GroupWriter:
     """The process's writer for stores that write to the same place.

@@ -187,3 +187,51 @@ def test_a_run_may_forbid_deferring_in_its_thread_only():
     assert other == [True]
     group_commit.allow_deferring(True)
     assert group_commit.enabled()
+
+
+def _fork_while_held(lock_name: str, in_child) -> int:
+    """Fork while another thread holds ``group_commit.<lock_name>``; run
+    ``in_child`` in the child under a 5 s alarm. The child's exit status."""
+    import signal
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with getattr(group_commit, lock_name):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder, daemon=True)
+    thread.start()
+    assert held.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: a thread of the parent held the lock
+            try:
+                signal.alarm(5)  # a hang ends the child by SIGALRM
+                in_child()
+                os._exit(0)
+            except BaseException:
+                os._exit(3)
+    finally:
+        release.set()
+        thread.join(5)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+@pytest.mark.parametrize("lock_name, in_child", [
+    # A prefork child's first deferred write: its Write completes and calls back.
+    ("_completion_lock", lambda: group_commit.Write().add_done_callback(lambda _: None)),
+    ("_completion_lock", lambda: group_commit.Write().finish()),
+    # ... and its writer is looked up.
+    ("_writers_lock", lambda: group_commit.shared_writer(("fork-test",), lambda items: [])),
+])
+def test_a_child_forked_while_a_thread_holds_a_lock_does_not_hang(lock_name, in_child):
+    """The consumer thread takes `_completion_lock` for every task while the
+    prefork supervisor forks replacement children: a child must not inherit
+    it held (issue: a child that hangs in its first write holds its job's
+    ack for ever)."""
+    status = _fork_while_held(lock_name, in_child)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, \
+        f"the child hung or failed (status {status:#x})"
