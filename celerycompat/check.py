@@ -34,7 +34,7 @@ import sys
 import traceback
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterable, Iterator, Optional, TextIO
 
 from celerycompat import beat
 from celerycompat import options as opts
@@ -339,18 +339,16 @@ def render(findings: list[Finding], options: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(command_line: Any, out: Optional[TextIO] = None) -> int:
-    """Boot the app of a parsed ``ccworker check`` command line and report.
+def run(boot: Callable[[], opts.WorkerOptions], out: Optional[TextIO] = None) -> int:
+    """Boot the project with ``boot`` (the CLI's: the worker's own boot of the
+    ``ccworker check`` command line) and report.
 
-    ``command_line`` is a :class:`celerycompat.cli.CommandLine`. Returns the
-    exit status: 0, 1, or 2 when booting the project failed (the traceback
-    is printed to stderr).
+    Returns the exit status: 0, 1, or 2 when booting the project failed (the
+    traceback is printed to stderr).
     """
-    from celerycompat import cli
-
     out = out or sys.stdout
     try:
-        options: opts.WorkerOptions = cli.options_from_command_line(command_line, boot=True)
+        options = boot()
     except Exception as exc:
         message = getattr(exc, "format_message", None)
         detail = message() if callable(message) else traceback.format_exc()

@@ -556,7 +556,7 @@ def run(argv: Sequence[str], runner: Optional[Runner] = None) -> int:
     if cl.command == "check":
         from celerycompat import check
 
-        return check.run(cl)
+        return check.run(lambda: options_from_command_line(cl, boot=True))
     options = options_from_command_line(cl, boot=True)
     refused = beat.refusal(options)
     if refused:
