@@ -8,9 +8,10 @@ cannot change under us), handed to one writer thread that sends whatever has
 queued up in one pipeline, and the task's slot is free at once.
 
 What still waits for the write is everything a client could observe out of
-order (see `consumer.Consumer._settle`): the message's ack (a result is
-always stored before its message is acked, so a crash in between only
-redelivers), the ``task-succeeded`` event, and a warm shutdown. Writes that
+order (see `consumer.Consumer._settle`): the ack of an ``acks_late``
+message (its result is always stored before it is acked, so a crash in
+between only redelivers; an early-acked message was acked at the start),
+the ``task-succeeded`` event, and a warm shutdown. Writes that
 something reads right after them stay synchronous: chord members (the chord
 counter reads the header results), FAILURE/RETRY/REVOKED, STARTED, and
 the SUCCESS of a task with its own ``on_success``/``after_return`` (user

@@ -6,9 +6,11 @@ Redis adapter (batched pops and acks in kombu's own ``unacked`` /
 ``unacked_index`` layout) replace kombu's one-message-at-a-time path without
 the consumer, pools or execution noticing.
 
-Every `Broker` method is called from the consumer thread only: kombu channels
-and py-amqp connections are not thread-safe, so the adapter does not need to
-be either.
+Every `Broker` method but one is called from the consumer thread only:
+kombu channels and py-amqp connections are not thread-safe, so the adapter
+does not need to be either. The exception is `Broker.break_connection`,
+which the liveness watchdog calls from its own thread to unblock a consumer
+stuck in a broker call; it only shuts sockets down.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A pool runs tasks in slots. The consumer decides *when* a task may start
 (it counts free slots, so prefetched messages wait in the consumer, unacked,
 as Celery's do); the pool decides *where* it runs: inline (solo), in a
-thread, and later in a child process or a greenlet.
+thread, a child process (prefork) or a greenlet (gevent).
 
 What crosses the boundary is plain data: the task name and the parsed
 `TaskMessage` going in, an `Outcome` coming back through ``on_done``. That
