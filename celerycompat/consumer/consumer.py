@@ -21,21 +21,24 @@ import queue
 import signal
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 
 from celery import signals
-from celery.exceptions import InvalidTaskError, NotRegistered, Retry
+from celery.exceptions import Retry
 from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed, OperationalError
 
 from celerycompat.celery_release import redelivered_default
 from celerycompat.celery_release import setting as release_setting
+from celerycompat.consumer.announce import Announcements
 from celerycompat.consumer.broker import Broker, ConnectStopped, Delivery
 from celerycompat.consumer.liveness import break_sockets, kombu_sockets, watchdog
 from celerycompat.consumer.ratelimits import RateLimits
+from celerycompat.consumer.request import (
+    CANCELLED_ON_CONNECTION_LOSS,
+    Request,
+)
 from celerycompat.consumer.revoked_stamps import RevokedStamps
 from celerycompat.control.gossip import COMPATIBLE_TRANSPORTS as GOSSIP_TRANSPORTS
 from celerycompat.control.mingle import COMPATIBLE_TRANSPORTS, Mingle
@@ -51,36 +54,6 @@ logger = logging.getLogger("celery.worker.consumer.consumer")
 strategy_logger = logging.getLogger("celery.worker.strategy")
 request_logger = logging.getLogger("celery.worker.request")
 
-CANCELLED_ON_CONNECTION_LOSS = (
-    "Task %s cannot be acknowledged after a connection loss since late acknowledgement "
-    "is enabled for it.\nTerminating it instead.\n"
-)
-UNKNOWN_MESSAGE = (
-    "Received and deleted unknown message.  Wrong destination?!?\n\n"
-    "The full contents of the message body was: %s\n"
-)
-UNKNOWN_TASK = (
-    "Received unregistered task of type %s.\n"
-    "The message has been ignored and discarded.\n\n"
-    "Did you remember to import the module containing this task?\n"
-    "Or maybe you're using relative imports?\n\n"
-    "Please see\nhttps://docs.celeryq.dev/en/latest/internals/protocol.html\n"
-    "for more information.\n\n"
-    "The full contents of the message body was:\n%s\n\n"
-    "The full contents of the message headers:\n%s\n\n"
-    "The delivery info for this task is:\n%s\n"
-)
-INVALID_TASK = (
-    "Received invalid task message: %s\n"
-    "The message has been ignored and discarded.\n\n"
-    "Please ensure your message conforms to the task\n"
-    "message protocol as described here:\n"
-    "https://docs.celeryq.dev/en/latest/internals/protocol.html\n\n"
-    "The full contents of the message body was:\n%s\n"
-)
-DECODE_ERROR = (
-    "Can't decode message body: %r [type:%r encoding:%r headers:%s]\n\nbody: %s\n"
-)
 #: AMQP's ``basic.qos`` prefetch count is 16 bits; past it kombu's QoS asks for none.
 PREFETCH_COUNT_MAX = 0xFFFF
 #: Celery's warning when the connection is lost (``%s (%r)`` with the error).
@@ -110,114 +83,9 @@ def _abandon(broker: Any) -> Any:
         return None
 
 
-def dump_body(delivery: Delivery) -> str:
-    """The body as Celery shows it in these log lines: a bounded repr and its size."""
-    body = delivery.body or b""
-    return f"{saferepr(body, 1024)} ({len(body)}b)"
-
-
-@dataclass
-class Request:
-    """A task message the worker accepted and will run (or hold until its ETA)."""
-
-    delivery: Delivery
-    message: wire.TaskMessage
-    task: Any
-    generation: int
-    acked: bool = False
-    ack_pending: bool = False
-    """Counted as acked, but the broker ack is sent once the task is over (solo)."""
-    time_start: float | None = None
-    context: Any = field(default=None, repr=False)
-    pid_lookup: Callable[[str], Any] | None = field(default=None, repr=False)
-    """``pool.pid_for``, set when the request starts (``worker_pid`` in info)."""
-    terminated: bool = False
-    """``revoke(terminate=True)`` ended it: REVOKED announced, its slot still
-    held until the pool reports the run gone (`Consumer.terminate`)."""
-
-    @property
-    def acks_late(self) -> bool:
-        return bool(self.task.acks_late)
-
-    # The read-only surface of Celery's worker Request that ``task_received``
-    # receivers use (``request.id``, ``request.name``, ``request.args``...).
-
-    @property
-    def id(self) -> str:
-        return self.message.id
-
-    @property
-    def name(self) -> str:
-        return self.message.name
-
-    @property
-    def type(self) -> str:
-        return self.message.task
-
-    @property
-    def args(self) -> Any:
-        return self.message.args
-
-    @property
-    def kwargs(self) -> Any:
-        return self.message.kwargs
-
-    @property
-    def argsrepr(self) -> str:
-        return self.message.argsrepr
-
-    @property
-    def kwargsrepr(self) -> str:
-        return self.message.kwargsrepr
-
-    @property
-    def eta(self) -> Any:
-        return self.message.eta
-
-    @property
-    def expires(self) -> Any:
-        return self.message.expires
-
-    @property
-    def root_id(self) -> Any:
-        return self.message.root_id
-
-    @property
-    def parent_id(self) -> Any:
-        return self.message.parent_id
-
-    @property
-    def delivery_info(self) -> dict[str, Any]:
-        return self.message.delivery_info
-
-    @property
-    def request_dict(self) -> dict[str, Any]:
-        return self.message.request
-
-    @property
-    def hostname(self) -> Any:
-        return self.message.request.get("hostname")
-
-    def info(self, safe: bool = False) -> dict[str, Any]:
-        """The request-info dict of ``inspect active/reserved/scheduled`` (F9)."""
-        message = self.message
-        return {
-            "id": message.id,
-            "name": message.name,
-            "args": message.argsrepr if safe else message.args,
-            "kwargs": message.kwargsrepr if safe else message.kwargs,
-            "type": message.task,
-            "hostname": self.hostname,
-            "time_start": self.time_start,
-            "acknowledged": self.acked,
-            "delivery_info": message.delivery_info,
-            "worker_pid": self.pid_lookup(message.id)
-            if self.time_start is not None and self.pid_lookup is not None else None,
-        }
-
-
-class Consumer:
-    """The consumer loop. See the module docstring for what it owns."""
+class Consumer(Announcements):
+    """The consumer loop. See the module docstring for what it owns; the
+    messages it does not run are `Announcements`' (consumer/announce.py)."""
 
     def __init__(self, *, app: Any, broker_factory: Callable[[], Broker], pool: Pool,
                  store: Any, queues: Sequence[Any],
@@ -1030,106 +898,6 @@ class Consumer:
         except self._connection_errors():
             logger.exception("Couldn't reject a message")
 
-    # -- messages that cannot run ------------------------------------------------
-
-    def _on_unknown_message(self, delivery: Delivery) -> None:
-        logger.warning(UNKNOWN_MESSAGE, dump_body(delivery))
-        self._reject_delivery(delivery)
-        signals.task_rejected.send(sender=self, message=delivery.handle, exc=None)
-
-    def _on_invalid(self, delivery: Delivery, exc: BaseException) -> None:
-        if isinstance(exc, wire.InvalidTaskMessage) and not isinstance(exc, ContentDisallowed):
-            # Celery's own class for the ``task_rejected`` receivers; same text.
-            exc = InvalidTaskError(*exc.args)
-        logger.error(INVALID_TASK, exc, dump_body(delivery), exc_info=True)
-        self._reject_delivery(delivery)
-        signals.task_rejected.send(sender=self, message=delivery.handle, exc=exc)
-
-    def _on_decode_error(self, delivery: Delivery, exc: BaseException) -> None:
-        if isinstance(exc, wire.BodyUndecodable) and exc.args:
-            exc = exc.args[0]  # log kombu's DecodeError itself, as Celery does
-        logger.critical(DECODE_ERROR, exc, delivery.content_type, delivery.content_encoding,
-                        saferepr(delivery.headers), dump_body(delivery), exc_info=True)
-        if self.broker is not None and delivery.handle is not None:
-            try:
-                self.broker.ack(delivery)
-            except Exception:
-                logger.exception("Couldn't ack an undecodable message")
-
-    def _on_unknown_task(self, delivery: Delivery, peeked: wire.Peeked) -> None:
-        """A25: reject, store FAILURE NotRegistered, signal ``task_unknown``."""
-        name, task_id = peeked.task, peeked.id
-        # Celery logs the KeyError of its strategy lookup, so the name is quoted.
-        logger.error(UNKNOWN_TASK, KeyError(name), dump_body(delivery), delivery.headers,
-                     delivery.delivery_info, exc_info=True)
-        self._reject_delivery(delivery)
-        request = _UnknownTaskRequest(
-            name=name, root_id=peeked.root_id,
-            correlation_id=delivery.properties.get("correlation_id"),
-            reply_to=delivery.properties.get("reply_to"),
-        )
-        try:
-            self.store.mark_as_failure(task_id, NotRegistered(name), None, request,
-                                       store_result=True, call_errbacks=True)
-        except Exception:
-            logger.exception("Could not store NotRegistered for %s", task_id)
-        if self.events is not None:
-            self.events.unknown(task_id, name)
-        signals.task_unknown.send(sender=self, message=delivery.handle, exc=KeyError(name),
-                                  name=name, id=task_id)
-
-    def _discarded(self, request: Request, starting: bool = False) -> bool:
-        """Expired (B16) or revoked (B18): REVOKED stored, message acked, not run.
-
-        Checked on receipt and again just before the task would start. A
-        revoked stamp (``revoke_by_stamped_headers``) is looked for before
-        the start, and on receipt only if the message has an expiry: Celery
-        checks on receipt only messages that expire or have a revoked id, so
-        a task revoked by stamp is received (signal, event) and then discarded.
-        """
-        message = request.message
-        expires = message.expires
-        # Celery reports ``expired`` as None for a message that expires later
-        # (the value of its ``maybe_expire()``), False when there is no expiry.
-        expired = expires is not None and (datetime.now(timezone.utc) > expires or None)
-        by_stamp = None
-        if expired:
-            self.revoked.add(message.id)
-        elif message.id not in self.revoked:
-            if starting or expires is not None:
-                by_stamp = self.revoked_stamps.match(message.stamped_headers, message.stamps)
-            if by_stamp is None:
-                return False
-        if by_stamp is None:
-            request_logger.info("Discarding revoked task: %s[%s]", message.name, message.id)
-        else:
-            request_logger.info("Discarding revoked task: %s[%s] (revoked by header: %s)",
-                                message.name, message.id, by_stamp)
-        self._announce_revoked(request, "expired" if expired else "revoked", expired=expired)
-        return True
-
-    def _announce_revoked(self, request: Request, reason: str, *, terminated: bool = False,
-                          signum: int | None = None, expired: Any = False) -> None:
-        """Celery's ``Request._announce_revoked``: REVOKED ``reason`` stored, the
-        message acked, the ``task-revoked`` event and ``task_revoked`` sent."""
-        message = request.message
-        context = build_context(message, request_dict(message, hostname=self.hostname,
-                                                      loglevel=None, logfile=None))
-        ignore = message.ignore_result if message.ignore_result is not None \
-            else request.task.ignore_result
-        store_errors = (not ignore) or request.task.store_errors_even_if_ignored
-        try:
-            self.store.mark_as_revoked(message.id, reason, context, store_result=store_errors)
-        except Exception:
-            logger.exception("Could not store REVOKED for %s", message.id)
-        self._ack(request)
-        if self.events is not None:
-            self.events.revoked(request, terminated=terminated, signum=signum, expired=expired)
-        if self.metrics is not None:
-            self.metrics.revoked(request, expired=expired)
-        signals.task_revoked.send(sender=request.task, request=context, terminated=terminated,
-                                  signum=signum, expired=expired)
-
     # -- shutdown ------------------------------------------------------------------
 
     def stop_consuming(self) -> None:
@@ -1189,19 +957,3 @@ class Consumer:
             except Exception:
                 logger.debug("error while closing the broker connection", exc_info=True)
             self.broker = None
-
-
-@dataclass
-class _UnknownTaskRequest:
-    """The little a backend needs to store NotRegistered (as Celery's Bunch)."""
-
-    name: str
-    root_id: Any
-    correlation_id: Any
-    reply_to: Any
-    chord: Any = None
-    errbacks: Any = None
-    group: Any = None
-    parent_id: Any = None
-    ignore_result: bool = False
-
