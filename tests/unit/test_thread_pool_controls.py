@@ -194,7 +194,8 @@ def test_abandoned_threads_are_bounded_and_slots_come_back(app, pool_and_store, 
     for n in range(3):
         msg = message("t.stuck")
         start(pool, msg)
-        assert wait_for(lambda: any(s.job and s.job[1].id == msg.id for s in pool._slots))
+        assert wait_for(lambda msg=msg: any(s.job and s.job[1].id == msg.id
+                                            for s in pool._slots))
         assert pool.terminate(msg.id, 15) is True
         assert pool._abandoned == n + 1
     assert len(pool._slots) == 1 and pool._owed == 1  # the third slot waits
