@@ -252,6 +252,7 @@ class Worker:
         consumer.autoscaler = Autoscaler(
             self.pool, high, low, on_max_changed=on_max_changed,
             qty=lambda: len(consumer.reserved) + len(consumer.active))
+        consumer.observe(consumer.autoscaler)
 
     def _broker(self) -> KombuBroker:
         """A fresh broker connection, with the AMQP heartbeat Celery's consumer asks for.

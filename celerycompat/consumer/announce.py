@@ -9,7 +9,7 @@ line, the message rejected or acked, a result stored where Celery stores one
 of its own that a reader looks up by the outcome, not by the loop.
 
 What they use of the consumer: ``broker``, ``store`` (the result store),
-``events`` and ``metrics`` (either may be None), ``revoked`` and
+``observers`` (consumer/observers.py: events, metrics...), ``revoked`` and
 ``revoked_stamps``, ``hostname``, and its ``_ack`` / ``_reject_delivery``.
 """
 
@@ -46,8 +46,7 @@ class Announcements:
 
     broker: Any
     store: Any
-    events: Any
-    metrics: Any
+    observers: Any
     revoked: Any
     revoked_stamps: Any
     hostname: str
@@ -99,8 +98,7 @@ class Announcements:
                                        store_result=True, call_errbacks=True)
         except Exception:
             logger.exception("Could not store NotRegistered for %s", task_id)
-        if self.events is not None:
-            self.events.unknown(task_id, name)
+        self.observers.unknown(task_id, name)
         signals.task_unknown.send(sender=self, message=delivery.handle, exc=KeyError(name),
                                   name=name, id=task_id)
 
@@ -149,9 +147,6 @@ class Announcements:
         except Exception:
             logger.exception("Could not store REVOKED for %s", message.id)
         self._ack(request)
-        if self.events is not None:
-            self.events.revoked(request, terminated=terminated, signum=signum, expired=expired)
-        if self.metrics is not None:
-            self.metrics.revoked(request, expired=expired)
+        self.observers.revoked(request, terminated=terminated, signum=signum, expired=expired)
         signals.task_revoked.send(sender=request.task, request=context, terminated=terminated,
                                   signum=signum, expired=expired)

@@ -111,11 +111,13 @@ class Autoscaler:
 
     # -- the consumer's hooks ------------------------------------------------------
 
-    def task_received(self) -> None:
+    # -- consumer hooks (consumer/observers.py) -------------------------------------
+
+    def received(self, request: Any = None) -> None:
         """A task message was received: no scale-down for ``keepalive`` seconds."""
         self._last_received = self._clock()
 
-    def tick(self) -> None:
+    def turned(self) -> None:
         """One look at the work at hand (every consumer loop turn)."""
         now = self._clock()
         delta = scale_delta(self.processes, self.qty, self.max_concurrency,

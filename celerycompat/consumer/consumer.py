@@ -34,6 +34,7 @@ from celerycompat.celery_release import setting as release_setting
 from celerycompat.consumer.announce import Announcements
 from celerycompat.consumer.broker import Broker, ConnectStopped, Delivery
 from celerycompat.consumer.liveness import break_sockets, kombu_sockets, watchdog
+from celerycompat.consumer.observers import Observers
 from celerycompat.consumer.ratelimits import RateLimits
 from celerycompat.consumer.request import (
     CANCELLED_ON_CONNECTION_LOSS,
@@ -156,11 +157,18 @@ class Consumer(Announcements):
         #: ``--metrics-port``: told what the task events tell, plus each
         #: connection and loop turn (observability/worker_metrics.py).
         self.metrics = metrics
-        #: ``--autoscale`` (consumer/autoscale.py), ticked every loop turn.
+        #: ``--autoscale`` (consumer/autoscale.py): set by the worker through
+        #: `observe`, ticked every loop turn.
         self.autoscaler: Any = None
+        #: What the optional parts hear of each task and turn (consumer/observers.py).
+        self.observers = Observers([self.events, metrics])
         #: The slot count the prefetch count is computed from; None: the pool's
         #: ``limit``. With --autoscale, its maximum (as Celery's).
         self.prefetch_slots: int | None = None
+
+    def observe(self, observer: Any) -> None:
+        """Let ``observer`` hear the consumer's hooks (consumer/observers.py)."""
+        self.observers.add(observer)
 
     # -- connection ------------------------------------------------------------
 
@@ -234,8 +242,7 @@ class Consumer(Announcements):
             _abandon(broker)
             raise _SetupLost(exc) from exc
         self.broker = broker
-        if self.metrics is not None:
-            self.metrics.connected()
+        self.observers.connected()
         if self.control is not None:
             self.control.start(broker.connection)
         if self.gossip is not None and broker.connection.transport.driver_type in \
@@ -329,13 +336,10 @@ class Consumer(Announcements):
 
     def _cycle(self) -> None:
         assert self.broker is not None
-        if self.metrics is not None:
-            self.metrics.turned()
         self._settle_finished()
         self._release_due_eta()
         self._release_rate_limited()
-        if self.autoscaler is not None:
-            self.autoscaler.tick()
+        self.observers.turned()
         self._start_reserved()
         room = self._fetch_room()
         if room is not None:
@@ -481,12 +485,7 @@ class Consumer(Announcements):
         if self._discarded(request):
             return
         signals.task_received.send(sender=self, request=request)
-        if self.events is not None:
-            self.events.received(request)
-        if self.metrics is not None:
-            self.metrics.received(request)
-        if self.autoscaler is not None:
-            self.autoscaler.task_received()
+        self.observers.received(request)
         if message.eta is not None:
             eta = message.eta.timestamp()
             if eta > time.time():
@@ -606,8 +605,7 @@ class Consumer(Announcements):
                 request.acked = request.ack_pending = True
             else:
                 self._ack(request)
-        if self.events is not None:
-            self.events.started(request)
+        self.observers.started(request)
         done = self._done
         self.pool.apply(request.message.task, request.message,
                         lambda outcome: done.put((request, outcome)))
@@ -690,10 +688,7 @@ class Consumer(Announcements):
             self._reject(request, requeue=False)
         elif decision is Settle.REQUEUE:
             self._reject(request, requeue=True)
-        if self.events is not None:
-            self.events.finished(request, outcome, decision)
-        if self.metrics is not None:
-            self.metrics.finished(request, outcome, decision)
+        self.observers.finished(request, outcome, decision)
 
     def _acks_on_failure_or_timeout(self, task: Any) -> bool:
         # A bound task carries the setting; the app's configuration is only
@@ -796,8 +791,7 @@ class Consumer(Announcements):
             self.store.mark_as_retry(message.id, reason, None, context)
         except Exception:
             logger.exception("Could not store RETRY for %s", message.id)
-        if self.events is not None:
-            self.events.cancelled(request)
+        self.observers.cancelled(request)
         try:
             request.task.on_retry(reason, message.id, message.args, message.kwargs, None)
         except Exception:

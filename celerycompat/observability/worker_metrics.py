@@ -156,7 +156,8 @@ class WorkerMetrics:
     def received(self, request: Any) -> None:
         self.received_total.child(request.message.name).inc()
 
-    def revoked(self, request: Any, expired: Any = False) -> None:
+    def revoked(self, request: Any, *, terminated: bool = False, signum: Any = None,
+                expired: Any = False) -> None:
         self.revoked_total.child(request.message.name).inc()
 
     def finished(self, request: Any, outcome: Outcome, settled: Settle) -> None:

@@ -90,7 +90,7 @@ def ours(processes: int, qty: int, max_: int, min_: int, busy: int = 0,
 def test_decisions_are_celerys(processes, qty, max_, min_, busy):
     busy = min(busy, processes)
     scaler, pool, _ = ours(processes, qty, max_, min_, busy)
-    scaler.tick()
+    scaler.turned()
     assert pool.calls == celerys_calls(processes, qty, max_, min_, busy)
 
 
@@ -121,15 +121,15 @@ def test_grows_at_once_and_shrinks_only_after_keepalive():
     pool = RecordingPool(1)
     clock = Clock()
     scaler = Autoscaler(pool, 4, 1, qty=lambda: qty[0], keepalive=30, clock=clock)
-    scaler.task_received()
-    scaler.tick()
+    scaler.received()
+    scaler.turned()
     assert pool.calls == [("grow", 2)] and pool.limit == 3
     qty[0] = 0
     clock.now += 29
-    scaler.tick()
+    scaler.turned()
     assert pool.calls == [("grow", 2)]  # not quiet for long enough
     clock.now += 2
-    scaler.tick()
+    scaler.turned()
     assert pool.calls[-1] == ("shrink", 2) and pool.limit == 1
     assert scaler.info() == {"max": 4, "min": 1, "current": 1, "qty": 0}
 
@@ -139,11 +139,11 @@ def test_a_busy_pool_is_asked_again_once_a_second():
     clock = Clock()
     scaler = Autoscaler(pool, 4, 1, qty=lambda: 0, keepalive=30, clock=clock)
     scaler._last_scale_up = clock.now - 60
-    scaler.tick()
-    scaler.tick()
+    scaler.turned()
+    scaler.turned()
     assert pool.calls == [("shrink", 3)]  # ValueError swallowed, not retried at once
     clock.now += 1.5
-    scaler.tick()
+    scaler.turned()
     assert pool.calls == [("shrink", 3), ("shrink", 3)]
 
 
