@@ -461,15 +461,23 @@ def build_worker_options(argv: Sequence[str], boot: bool = False) -> opts.Worker
     return options_from_command_line(parse_command_line(argv), boot)
 
 
-def options_from_command_line(cl: CommandLine, boot: bool = False) -> opts.WorkerOptions:
-    """:func:`build_worker_options` for an already parsed command line."""
-    app = cl.app
-    args = opts.worker_arguments(app, cl.worker_params)
+def _configure(cl: CommandLine) -> dict[str, Any]:
+    """What ``celery worker`` does before anything of the worker (and before
+    ``-D`` detaches): the worker's keyword arguments, ``user_preload_options``
+    sent, ``--disable-prefetch`` and trailing ``key=value`` settings applied."""
+    args = opts.worker_arguments(cl.app, cl.worker_params)
     _send_preload(cl)
     disable_prefetch = args.pop("disable_prefetch")
     if has_setting("worker_disable_prefetch"):  # Celery >= 5.6 writes it back
-        app.conf.worker_disable_prefetch = disable_prefetch
+        cl.app.conf.worker_disable_prefetch = disable_prefetch
     _apply_config_args(cl)
+    return args
+
+
+def options_from_command_line(cl: CommandLine, boot: bool = False) -> opts.WorkerOptions:
+    """:func:`build_worker_options` for an already parsed command line."""
+    app = cl.app
+    args = _configure(cl)
     instance = None
     if boot:
         from celery.platforms import maybe_drop_privileges
@@ -557,6 +565,10 @@ def run(argv: Sequence[str], runner: Optional[Runner] = None) -> int:
         from celerycompat import check
 
         return check.run(lambda: options_from_command_line(cl, boot=True))
+    if cl.params.get("detach"):
+        from celerycompat import daemon
+
+        return daemon.detach(argv, _configure(cl), cl.app)
     options = options_from_command_line(cl, boot=True)
     refused = beat.refusal(options)
     if refused:

@@ -398,9 +398,6 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
         lines.append("ccworker: the gevent pool needs -P gevent on the command line "
                      "(or CELERY_WORKER_POOL=gevent), so the process is monkey-patched "
                      f"before the app is imported; using {options.pool!r} instead")
-    if options.detach:
-        lines.append("ccworker: -D/--detach is accepted but not supported yet; "
-                     "running in the foreground")
     if options.autoscale is not None and options.pool == "solo":
         # Celery's solo pool cannot grow either (its autoscaler fails when it tries).
         lines.append("ccworker: --autoscale is ignored by the solo pool, which runs one "
@@ -410,8 +407,6 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
         # ignore these silently too.
         (options.pool_start_method == "spawn",
          "--pool-start-method spawn (worker_pool_start_method)"),
-        (options.umask is not None, "--umask"),
-        (options.executable is not None, "--executable"),
     ]
     lines.extend(_ignored(flag) for given, flag in checks if given)
     return lines
