@@ -93,7 +93,8 @@ def test_the_image_copies_files_that_exist(dockerfile_copies):
     assert (dockerfile_copies["/app/proj"] / "celery.py").exists()
     text = DOCKERFILE.read_text()
     assert re.search(r"^USER (?!root)\w+", text, re.M), "the image must not run as root"
-    assert re.search(r"pip install /src", text)
+    # The package from the copied sources, with the gevent extra (-P gevent).
+    assert re.search(r'pip install "/src\[gevent\]"', text)
 
 
 def test_commands_refer_to_what_the_image_holds(compose, dockerfile_copies):
