@@ -27,6 +27,7 @@ from celerycompat.beat import EmbeddedBeat, start_embedded_beat
 from celerycompat.celery_release import celery_version, setting, support_warning
 from celerycompat.consumer.autoscale import Autoscaler
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.delayed_delivery import native_delayed_delivery
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.queues import select_queues
 from celerycompat.consumer.redis_broker import RedisBroker, native_path_eligible
@@ -205,6 +206,9 @@ class Worker:
             self.consumer.gossip = Gossip(app, self.nodename, os.getpid(),
                                           self.consumer.dispatcher)
         self._start_autoscaler(self.consumer)
+        # Celery >= 5.5 on quorum queues: its own DelayedDelivery step, run at
+        # every connection (consumer/delayed_delivery.py).
+        self.consumer.observe(native_delayed_delivery(app))
         if options.statedb:
             # Before the consumer connects: mingle's hello carries the loaded ids.
             # An unreadable file stops the start (exit 1), as in Celery.

@@ -1,10 +1,11 @@
 """The one seam the consumer's optional parts plug into (Dramatiq's middleware idea).
 
-Task events (``-E``), the metrics (``--metrics-port``) and the autoscaler
-(``--autoscale``) each want to hear about the same moments of a task's life
-and of the loop. Instead of one ``if self.x is not None`` branch per part at
-every such moment, the consumer calls each hook once on an `Observers`,
-which calls the parts that implement it, in the order they were added.
+Task events (``-E``), the metrics (``--metrics-port``), the autoscaler
+(``--autoscale``) and native delayed delivery (quorum queues) each want to
+hear about the same moments of a task's life and of the loop. Instead of
+one ``if self.x is not None`` branch per part at every such moment, the
+consumer calls each hook once on an `Observers`, which calls the parts that
+implement it, in the order they were added.
 
 The hooks (an observer implements any subset, with these signatures):
 
@@ -19,7 +20,9 @@ The hooks (an observer implements any subset, with these signatures):
 * ``unknown(task_id, name)``: a task this worker does not know.
 
 A hook with no observer costs a call to a no-op; with one, a direct call to
-its bound method. Observers run on the consumer thread and must not block.
+its bound method. Observers run on the consumer thread and must not block;
+the one exception is where Celery's consumer blocks too (native delayed
+delivery declares its exchanges in ``connected``, before the first message).
 """
 
 from __future__ import annotations
