@@ -40,8 +40,36 @@ class NativeDelayedDelivery:
         self.step.start(self.parent)
 
 
+def _driver_type(app: Any) -> Optional[str]:
+    """The broker's transport driver (``amqp``, ``redis``...) from the app's
+    settings alone: no kombu ``Connection`` or transport object is made."""
+    from kombu.transport import resolve_transport
+
+    url = app.conf.broker_write_url or app.conf.broker_url or ""
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else ""
+    url = str(url).split(";", 1)[0]
+    name = app.conf.broker_transport or (url.split("://", 1)[0] if "://" in url else url)
+    try:
+        return getattr(resolve_transport(name or "amqp"), "driver_type", None)
+    except Exception:  # a transport whose client library is not installed
+        return None
+
+
 def native_delayed_delivery(app: Any) -> Optional[NativeDelayedDelivery]:
-    """The step for ``app``, or None: Celery < 5.5, or no quorum queue in use."""
+    """The step for ``app``, or None: Celery < 5.5, not RabbitMQ, or no quorum
+    queue in use.
+
+    The step's own ``include_if`` builds a kombu connection and transport
+    to read the driver type. With that extra Redis transport built, the
+    Celery 5.5.3 matrix's solo worker stalled in its poll with a retry's
+    countdown held (the task never ran, the liveness watchdog broke the
+    connection after 30 s); without it the same runs pass. The mechanism is
+    not pinned down; Celery's answer is "no" for every broker but RabbitMQ,
+    so the driver is read from the settings and nothing is built there.
+    """
+    if _driver_type(app) != "amqp":
+        return None
     try:
         from celery.worker.consumer.delayed_delivery import DelayedDelivery
     except ImportError:
