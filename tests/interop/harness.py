@@ -696,6 +696,15 @@ def group_by_task(entries: list) -> list:
     return sorted(entries, key=lambda entry: first_seen[entry[1].get("id")])
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists (signal 0)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float = 20.0,
                interval: float = 0.05) -> Any:
     """``predicate()``'s first truthy value within ``timeout`` seconds, else

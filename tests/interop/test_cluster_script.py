@@ -55,14 +55,6 @@ def command(broker: str, log_dir, *extra: str) -> tuple[list[str], int, int]:
     return argv, flower, metrics
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def api(port: int, path: str):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=15) as response:
         return json.loads(response.read())
@@ -124,7 +116,7 @@ def test_cluster_runs_both_workers_with_flower_and_stops_on_ctrl_c(cluster_broke
         output.append(rest)
         assert script.returncode == 0, "".join(output)
         assert "cluster stopped\n" in rest
-        assert [pid for pid in pids if alive(pid)] == []
+        assert [pid for pid in pids if harness.pid_alive(pid)] == []
     finally:
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)

@@ -36,14 +36,6 @@ def launch(worker: harness.WorkerProcess) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def pid_in(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -66,7 +58,7 @@ def observe(kind: str, broker: harness.BrokerEnv, tmp: Path, log_dir: Path) -> d
         seen["command output"] = (done.stdout.strip(), done.stderr.strip())
         harness.wait_until(lambda: f"{worker.nodename} ready." in _read(logfile), 60)
         pid = pid_in(pidfile)
-        assert pid is not None and alive(pid), _read(logfile)
+        assert pid is not None and harness.pid_alive(pid), _read(logfile)
         seen["daemon is not the command"] = pid != os.getpid()
         seen["daemon in another session"] = os.getsid(pid) != os.getsid(0)
         seen["log file mode"] = oct(stat.S_IMODE(logfile.stat().st_mode))
@@ -78,13 +70,13 @@ def observe(kind: str, broker: harness.BrokerEnv, tmp: Path, log_dir: Path) -> d
         harness.wait_until(lambda: "already exists" in again.stderr, 1)
         seen["second -D says"] = [line for line in again.stderr.splitlines()
                                   if "already exists" in line]
-        seen["first still the one"] = pid_in(pidfile) == pid and alive(pid)
+        seen["first still the one"] = pid_in(pidfile) == pid and harness.pid_alive(pid)
         os.kill(pid, signal.SIGTERM)
-        harness.wait_until(lambda: not alive(pid), 30)
-        seen["stopped by SIGTERM"] = not alive(pid)
+        harness.wait_until(lambda: not harness.pid_alive(pid), 30)
+        seen["stopped by SIGTERM"] = not harness.pid_alive(pid)
         seen["pidfile removed"] = not pidfile.exists()
     finally:
-        if pid is not None and alive(pid):
+        if pid is not None and harness.pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     return seen
 
