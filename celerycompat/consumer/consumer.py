@@ -147,21 +147,20 @@ class Consumer(Announcements):
         #: Gossip (control/gossip.py), set by the worker unless --without-gossip.
         self.gossip: Any = None
         self.dispatcher = dispatcher
-        self.events = TaskEvents(dispatcher) if dispatcher is not None else None
         self.heart = Heart(dispatcher, interval=heartbeat_interval,
                            active=lambda: len(self.active), processed=lambda: self.processed) \
             if dispatcher is not None and heartbeat_interval else None
         self._worker_utc = app.uses_utc_timezone()
         self._worker_tz = app.timezone
         self._redelivered_default = redelivered_default()
-        #: ``--metrics-port``: told what the task events tell, plus each
-        #: connection and loop turn (observability/worker_metrics.py).
-        self.metrics = metrics
         #: ``--autoscale`` (consumer/autoscale.py): set by the worker through
         #: `observe`, ticked every loop turn.
         self.autoscaler: Any = None
-        #: What the optional parts hear of each task and turn (consumer/observers.py).
-        self.observers = Observers([self.events, metrics])
+        #: What the optional parts hear of each task and turn (consumer/observers.py):
+        #: the task events (with a dispatcher) and ``--metrics-port``'s metrics
+        #: (observability/worker_metrics.py), then what the worker adds.
+        self.observers = Observers([TaskEvents(dispatcher) if dispatcher is not None else None,
+                                    metrics])
         #: The slot count the prefetch count is computed from; None: the pool's
         #: ``limit``. With --autoscale, its maximum (as Celery's).
         self.prefetch_slots: int | None = None
