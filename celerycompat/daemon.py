@@ -83,6 +83,18 @@ def detach(argv: Sequence[str], args: dict[str, Any], app: Any,
     return EX_FAILURE  # not reached: exec or the except above
 
 
+def restart() -> None:
+    """SIGHUP's restart, as Celery's ``_reload_current_worker``: every
+    descriptor but stdin/stdout/stderr closed, then the same command line
+    ``exec``\\ ed (as ``python -m celerycompat``, which ``ccworker``, a
+    detached worker and ``python -m celerycompat`` all are)."""
+    from celery.platforms import close_open_fds
+
+    logging.shutdown()
+    close_open_fds([sys.__stdin__, sys.__stdout__, sys.__stderr__])
+    os.execv(sys.executable, [sys.executable, "-m", "celerycompat", *sys.argv[1:]])
+
+
 def _fake() -> bool:
     """``C_FAKEFORK``: Celery's switch to run ``-D`` in the foreground (debugging)."""
     return bool(os.environ.get("C_FAKEFORK"))

@@ -9,6 +9,9 @@ ready.`` log line. Shutdown is Celery's (wire contract G8): SIGTERM and a
 first SIGINT are warm (stop consuming, finish running tasks, exit 0 / 1), a
 second SIGINT or SIGQUIT is cold. With ``worker_soft_shutdown_timeout`` a cold
 shutdown is soft first: running tasks get that many seconds to finish.
+SIGUSR1 prints every thread's stack (Celery's "cry"), and when stdout is not
+a terminal SIGHUP restarts the worker in place: a warm stop, then the same
+command line ``exec``\\ ed (Celery's restart handler).
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ class Worker:
         self.exitcode = EX_OK
         self._shutdown_requests = 0
         self._cold = False
+        #: SIGHUP: ``exec`` the same command line once the worker has stopped.
+        self.restart = False
         #: ``worker_soft_shutdown_timeout``: when the soft window of a cold
         #: shutdown ends (monotonic); None outside one.
         self._soft_deadline: float | None = None
@@ -329,6 +334,30 @@ class Worker:
         install(signal.SIGINT, self._on_sigint)
         if hasattr(signal, "SIGQUIT"):
             install(signal.SIGQUIT, self._on_sigquit)
+        if hasattr(signal, "SIGUSR1"):
+            install(signal.SIGUSR1, self._on_sigusr1)
+        stdout = sys.__stdout__
+        if hasattr(signal, "SIGHUP") and not (stdout is not None and stdout.isatty()):
+            # As Celery: only away from a terminal, so closing the terminal
+            # window does not restart the worker into the background.
+            install(signal.SIGHUP, self._on_sighup)
+
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        """Every thread's stack and locals on stderr, with Celery's own
+        ``cry`` (what ``kill -USR1`` shows for ``celery worker``)."""
+        from celery.utils.debug import cry
+
+        print(cry(), file=sys.__stderr__, flush=True)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        """Celery's restart: the line on stdout, a warm stop with no
+        ``worker_shutting_down`` (Celery sends none for a restart), then
+        :func:`celerycompat.daemon.restart` once everything is down."""
+        print(f"Restarting celery worker ({' '.join(sys.argv)})",
+              file=sys.__stdout__, flush=True)
+        self.restart = True
+        if self.consumer is not None:
+            self.consumer.should_stop = True
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         if os.environ.get("REMAP_SIGTERM") == "SIGQUIT":
@@ -461,6 +490,11 @@ def run(options: Any) -> int:
     worker = Worker(options)
     started = time.monotonic()
     try:
-        return worker.run()
+        exitcode = worker.run()
     finally:
         logger.debug("worker ran for %.1fs", time.monotonic() - started)
+    if worker.restart:
+        from celerycompat.daemon import restart
+
+        restart()
+    return exitcode

@@ -211,11 +211,18 @@ def pytest_runtest_makereport(item, call):
                 (f"{first.kind} vs {second.kind}: full diff of normalised observations",
                  first.diff(second))
             )
+        # A side whose results timed out: its worker's threads, as it is now.
+        waited = {obs.log_path for obs in harness.LAST_RESULTS
+                  if any('"timeout":' in text for _, text in obs.items)}
         for worker in getattr(item, "_cc_workers", []):
             report.sections.append(
                 (f"{worker.kind} worker log ({worker.broker.name}, {worker.log_path})",
                  worker.log_tail(60))
             )
+            if str(worker.log_path) in waited:
+                report.sections.append(
+                    (f"{worker.kind} worker threads after a timed-out result (SIGUSR1)",
+                     worker.dump_stacks()))
     return report
 
 

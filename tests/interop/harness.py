@@ -512,6 +512,20 @@ class WorkerProcess:
     def log_tail(self, lines: int = 80) -> str:
         return "\n".join(self.log().splitlines()[-lines:])
 
+    def dump_stacks(self, timeout: float = 5.0) -> str:
+        """Every thread's stack, from the worker itself: SIGUSR1 to its main
+        process (both workers print Celery's ``cry`` on it), then what it
+        wrote, without the locals. For a worker that stopped making progress."""
+        if not self.alive():
+            return "(not running)"
+        offset = len(self.log())
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGUSR1)
+        wait_until(lambda: "\nMainThread\n" in self.log()[offset:], timeout)
+        time.sleep(0.2)  # the rest of the dump
+        dump = self.log()[offset:]
+        return re.sub(r"LOCAL VARIABLES\n=+\n.*?\n\n\n", "", dump, flags=re.S) or "(no dump)"
+
     def __repr__(self) -> str:
         return f"<WorkerProcess {self.kind} {self.nodename} pid={self.pid} {self.broker.name}>"
 
@@ -526,6 +540,13 @@ class WorkerFailed(AssertionError):
             f"log ({worker.log_path}):\n{worker.log_tail(120)}"
         )
         self.worker = worker
+
+
+class WorkerStuck(WorkerFailed):
+    """A live worker did not finish a task it was sent: its stacks are attached."""
+
+    def __init__(self, worker: WorkerProcess, what: str):
+        super().__init__(worker, f"{what}\nits threads (SIGUSR1):\n{worker.dump_stacks()}")
 
 
 class WorkerCache:
@@ -571,11 +592,11 @@ class WorkerCache:
                 worker.wait_ready()
         except BaseException:
             for worker in starting:
-                self._discard(worker)
+                self.discard(worker)
             raise
         return out
 
-    def _discard(self, worker: WorkerProcess) -> None:
+    def discard(self, worker: WorkerProcess) -> None:
         worker.stop()
         worker.broker.forget_queue(worker.token, worker.queue)
         with contextlib.suppress(Exception):
@@ -589,7 +610,7 @@ class WorkerCache:
     def release_fresh(self, workers: dict) -> None:
         for worker in workers.values():
             if worker not in self._workers.values():
-                self._discard(worker)
+                self.discard(worker)
 
     def close(self) -> None:
         workers = list(self._workers.values())
@@ -598,7 +619,7 @@ class WorkerCache:
         for worker in workers:
             worker.request_stop()
         for worker in workers:
-            self._discard(worker)
+            self.discard(worker)
 
 
 # --------------------------------------------------------------------------
@@ -967,7 +988,16 @@ class Observer:
     # -- bracketing -------------------------------------------------------------
 
     def begin(self) -> None:
-        self.settle()
+        # The sentinel proves the shared worker finished what earlier tests
+        # sent; a worker that cannot is stuck, and every result of this
+        # scenario would only time out: say so, with its stacks.
+        sentinel = self.app.tasks[self.task_name("noop")].apply_async()
+        self._sentinels.append(sentinel.id)
+        try:
+            sentinel.get(timeout=GET_TIMEOUT)
+        except Exception as exc:
+            raise WorkerStuck(self.worker, f"did not finish a sentinel task sent before "
+                                           f"the scenario ({type(exc).__name__})") from exc
         self.results.delete(self.worker.record_key)
         self._log_offset = len(self.worker.log())
 
@@ -1214,6 +1244,9 @@ def run_differential(scenario: Callable, broker: BrokerEnv, *, cache: WorkerCach
     workers = cache.get_many(kinds, broker, specs, fresh=fresh)
     try:
         results = {kind: run_side(kind, workers[kind], scenario) for kind in kinds}
+    except WorkerStuck as stuck:
+        cache.discard(stuck.worker)  # the next test gets a new one
+        raise
     finally:
         if fresh:
             cache.release_fresh(workers)
