@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 from celery import signals
+from celery._state import _set_task_join_will_block
 
 from celerycompat.backends import group_commit, result_store_for
 from celerycompat.beat import EmbeddedBeat, start_embedded_beat
@@ -187,6 +188,9 @@ class Worker:
             # themselves (pools/child.py).
             group_commit.enable()
         self.pool = make_pool(options, runner)
+        # As Celery's Pool bootstep, before the pool starts (prefork
+        # children set it again for themselves, as Celery's do).
+        _set_task_join_will_block(self.pool.task_join_will_block)
         self.pool.start()
         self.consumer = Consumer(
             app=app,

@@ -32,6 +32,12 @@ class Pool(Protocol):
     """How many tasks may run at once (the consumer's slot count)."""
     runs_inline: bool
     """True when ``apply`` runs the task before returning (solo)."""
+    task_join_will_block: bool
+    """Celery's pool attribute of that name: True where a task waiting on
+    another task's result could block the pool (every pool but gevent's).
+    The worker sets Celery's process-wide flag from it, which makes
+    ``result.get()`` inside a task an error and keeps a task's
+    ``.delay()`` from subscribing to the result channel."""
 
     def start(self) -> None: ...
 

@@ -127,6 +127,7 @@ class Job:
 class GeventPool:
     name = "celery.concurrency.gevent:TaskPool"
     runs_inline = False
+    task_join_will_block = False
 
     def __init__(self, runner: Any, limit: int, *, time_limit: Any = None,
                  soft_time_limit: Any = None,

@@ -147,6 +147,7 @@ class Child:
 class PreforkPool:
     name = "celery.concurrency.prefork:TaskPool"
     runs_inline = False
+    task_join_will_block = True
 
     def __init__(self, runner: Any, limit: int, *, hostname: str,
                  max_tasks_per_child: int | None = None,

@@ -61,6 +61,7 @@ _AT_ONCE = 1e-6
 class SoloPool:
     name = "celery.concurrency.solo:TaskPool"
     runs_inline = True
+    task_join_will_block = True
 
     def __init__(self, runner: TaskRunner, hostname: str, *, time_limit: Any = None,
                  soft_time_limit: Any = None) -> None:

@@ -105,6 +105,7 @@ class _Slot(Deadline):
 class ThreadPool:
     name = "celery.concurrency.thread:TaskPool"
     runs_inline = False
+    task_join_will_block = True
 
     def __init__(self, runner: TaskRunner, limit: int, *, time_limit: Any = None,
                  soft_time_limit: Any = None) -> None:

@@ -757,6 +757,28 @@ def test_group(broker, run_differential):
     assert celery_obs == cc_obs
 
 
+def test_result_get_inside_a_task(broker, run_differential):
+    """``result.get()`` inside a task fails with Celery's RuntimeError (the
+    pool's ``task_join_will_block``), unless under ``allow_join_result()``.
+    ccworker once left the flag off outside prefork children: such a task
+    then blocked its slot, and every ``.delay()`` from a task subscribed to
+    the result channel, which deadlocked Celery <= 5.4's Redis result
+    consumer in a chord callback (the matrix caught it)."""
+
+    def scenario(app, observe):
+        # One after the other: the flag is process-wide, so a concurrent
+        # allow_join_result() would lift it for the other thread too.
+        observe.get_and_meta(observe.send("join_inside", (1, 2)), "refused")
+        observe.get_and_meta(observe.send("join_allowed", (3, 4)), "allowed")
+        observe.settle()
+
+    celery_obs, cc_obs = wire(run_differential, scenario, broker, pool="threads", concurrency=2)
+    assert celery_obs["refused"]["state"] == "FAILURE"
+    assert celery_obs["refused"]["value"]["exception"] == "builtins.RuntimeError"
+    assert celery_obs["allowed"]["value"] == 7
+    assert celery_obs == cc_obs
+
+
 def test_chord(broker, run_differential):
     """A chord of three (Redis result backend): the body gets the header's
     results; the header and body metas, and the chord counter keys, which

@@ -294,3 +294,25 @@ def on_err_task(self, failed_id):
     record("errback_task", id=self.request.id, failed=failed_id,
            group=self.request.group, parent_id=self.request.parent_id)
     return {"failed": failed_id}
+
+
+# --------------------------------------------------------------------------
+# Waiting on a result inside a task
+# --------------------------------------------------------------------------
+
+
+@app.task
+def join_inside(x, y):
+    """``result.get()`` inside a task: Celery's solo, threads and prefork
+    workers refuse it (``RuntimeError``, the pool's task_join_will_block)."""
+    return add.delay(x, y).get(timeout=5)
+
+
+@app.task
+def join_allowed(x, y):
+    """The same under ``allow_join_result()``, which Celery permits (the
+    pool must have a free slot for ``add``)."""
+    from celery.result import allow_join_result
+
+    with allow_join_result():
+        return add.delay(x, y).get(timeout=10)
