@@ -90,7 +90,6 @@ def restart() -> None:
     detached worker and ``python -m celerycompat`` all are)."""
     from celery.platforms import close_open_fds
 
-    logging.shutdown()
     close_open_fds([sys.__stdin__, sys.__stdout__, sys.__stderr__])
     os.execv(sys.executable, [sys.executable, "-m", "celerycompat", *sys.argv[1:]])
 

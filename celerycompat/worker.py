@@ -151,8 +151,6 @@ class Worker:
         self.exitcode = EX_OK
         self._shutdown_requests = 0
         self._cold = False
-        #: SIGHUP: ``exec`` the same command line once the worker has stopped.
-        self.restart = False
         #: ``worker_soft_shutdown_timeout``: when the soft window of a cold
         #: shutdown ends (monotonic); None outside one.
         self._soft_deadline: float | None = None
@@ -356,10 +354,16 @@ class Worker:
     def _on_sighup(self, signum: int, frame: Any) -> None:
         """Celery's restart: the line on stdout, a warm stop with no
         ``worker_shutting_down`` (Celery sends none for a restart), then
-        :func:`celerycompat.daemon.restart` once everything is down."""
+        :func:`celerycompat.daemon.restart` at exit."""
+        import atexit
+
+        from celerycompat.daemon import restart
+
         print(f"Restarting celery worker ({' '.join(sys.argv)})",
               file=sys.__stdout__, flush=True)
-        self.restart = True
+        # At exit, as Celery's: after the pidfile is released and the
+        # stdouts are restored.
+        atexit.register(restart)
         if self.consumer is not None:
             self.consumer.should_stop = True
 
@@ -494,11 +498,6 @@ def run(options: Any) -> int:
     worker = Worker(options)
     started = time.monotonic()
     try:
-        exitcode = worker.run()
+        return worker.run()
     finally:
         logger.debug("worker ran for %.1fs", time.monotonic() - started)
-    if worker.restart:
-        from celerycompat.daemon import restart
-
-        restart()
-    return exitcode

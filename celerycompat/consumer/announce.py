@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery.exceptions import InvalidTaskError, NotRegistered
@@ -51,11 +51,12 @@ class Announcements:
     revoked_stamps: Any
     hostname: str
 
-    def _ack(self, request: Request) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # the consumer's, used here
+        def _ack(self, request: Request) -> None:
+            ...
 
-    def _reject_delivery(self, delivery: Delivery, requeue: bool = False) -> None:
-        raise NotImplementedError
+        def _reject_delivery(self, delivery: Delivery, requeue: bool = False) -> None:
+            ...
 
     def _on_unknown_message(self, delivery: Delivery) -> None:
         logger.warning(UNKNOWN_MESSAGE, dump_body(delivery))

@@ -18,36 +18,33 @@ import itertools
 import logging
 import os
 import queue
-import signal
 import time
 from collections import Counter, deque
 from typing import Any, Callable, Sequence
 
 from celery import signals
-from celery.exceptions import Retry
 from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
-from kombu.exceptions import ContentDisallowed, OperationalError
+from kombu.exceptions import ContentDisallowed
 
 from celerycompat.celery_release import redelivered_default
 from celerycompat.celery_release import setting as release_setting
 from celerycompat.consumer.announce import Announcements
-from celerycompat.consumer.broker import Broker, ConnectStopped, Delivery
-from celerycompat.consumer.liveness import break_sockets, kombu_sockets, watchdog
+from celerycompat.consumer.broker import Broker, Delivery
+from celerycompat.consumer.connection import ConnectionLifecycle
+from celerycompat.consumer.controls import ConsumerControls
+from celerycompat.consumer.liveness import watchdog
 from celerycompat.consumer.observers import Observers
 from celerycompat.consumer.ratelimits import RateLimits
 from celerycompat.consumer.request import (
-    CANCELLED_ON_CONNECTION_LOSS,
     Request,
 )
 from celerycompat.consumer.revoked_stamps import RevokedStamps
-from celerycompat.control.gossip import COMPATIBLE_TRANSPORTS as GOSSIP_TRANSPORTS
-from celerycompat.control.mingle import COMPATIBLE_TRANSPORTS, Mingle
+from celerycompat.consumer.settling import Settling
+from celerycompat.control.mingle import Mingle
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.events.heartbeat import Heart
 from celerycompat.events.task_events import TaskEvents
-from celerycompat.execution.context import build_context, request_dict
-from celerycompat.execution.outcome import Outcome, Settle, settle
 from celerycompat.pools.base import Pool
 from celerycompat.protocol import message as wire
 
@@ -57,36 +54,13 @@ request_logger = logging.getLogger("celery.worker.request")
 
 #: AMQP's ``basic.qos`` prefetch count is 16 bits; past it kombu's QoS asks for none.
 PREFETCH_COUNT_MAX = 0xFFFF
-#: Celery's warning when the connection is lost (``%s (%r)`` with the error).
-CONNECTION_RETRY = ("consumer: Connection to broker lost. "
-                    "Trying to re-establish the connection...")
-worker_logger = logging.getLogger("celery.worker.worker")
 
-
-_MISSING = object()
-
-
-class _GaveUp(Exception):
-    """The broker is not retried any more; the reason is already logged."""
-
-
-class _SetupLost(Exception):
-    """Connected, then lost while declaring and consuming; ``__cause__`` says how."""
-
-
-def _abandon(broker: Any) -> Any:
-    """``broker.abandon()``: release a lost connection without a word to the broker;
-    returns what it still owed (native Redis), or None."""
-    try:
-        return broker.abandon()
-    except Exception:
-        logger.debug("error while abandoning the lost connection", exc_info=True)
-        return None
-
-
-class Consumer(Announcements):
-    """The consumer loop. See the module docstring for what it owns; the
-    messages it does not run are `Announcements`' (consumer/announce.py)."""
+class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
+    """The consumer loop. See the module docstring for what it owns; its
+    other concerns are mixins, each in its own module: the connection
+    (consumer/connection.py), settling finished tasks (consumer/settling.py),
+    what remote control and inspect ask of it (consumer/controls.py), and
+    the messages it does not run (consumer/announce.py)."""
 
     def __init__(self, *, app: Any, broker_factory: Callable[[], Broker], pool: Pool,
                  store: Any, queues: Sequence[Any],
@@ -191,126 +165,6 @@ class Consumer(Announcements):
             return max(1, min(base + held, self.eta_task_limit))
         return base + held
 
-    def connect(self, first: bool = False) -> None:
-        """Connect, declare and start consuming; called at start and after a loss.
-
-        Retries as Celery's consumer does: ``broker_connection_retry_on_startup``
-        (``first``, when set) or ``broker_connection_retry`` say whether to,
-        ``broker_connection_max_retries`` how often. Raises `_GaveUp` (after
-        Celery's critical line) when the worker must stop, `ConnectStopped`
-        when a shutdown came during the wait, `_SetupLost` when the
-        connection was lost again while consuming was being set up.
-        """
-        self.generation += 1
-        broker = self.broker_factory()
-        conf = self.app.conf
-        setting = "broker_connection_retry_on_startup" \
-            if first and release_setting(conf, "broker_connection_retry_on_startup") is not None \
-            else "broker_connection_retry"
-        retry = bool(conf[setting])
-        try:
-            broker.connect(retry=retry, max_retries=conf.broker_connection_max_retries,
-                           should_stop=lambda: self.should_stop)
-        except ConnectStopped:
-            raise
-        except OperationalError as exc:  # retries used up: Celery's worker crashes
-            worker_logger.critical("Unrecoverable error: %r", exc, exc_info=True)
-            raise _GaveUp() from exc
-        except Exception as exc:
-            if retry:
-                raise
-            logger.critical(
-                "Retrying to %s a connection to the message broker after a connection "
-                "loss has been disabled (app.conf.%s=False). Shutting down...",
-                "establish" if first else "re-establish", setting)
-            raise _GaveUp() from exc
-        logger.info("Connected to %s", broker.url_for_log)
-        errors = tuple(getattr(broker, "connection_errors", ())) or (OSError,)
-        try:
-            if self.purge:
-                count = broker.purge(self.queues)
-                self.purge = False
-                nq = len(self.queues)
-                print(f"Purged {count} {'message' if count == 1 else 'messages'} from "
-                      f"{nq} known task {'queue' if nq == 1 else 'queues'}.", flush=True)
-            broker.set_prefetch(self._qos_value())
-            if self.disable_prefetch:
-                broker.limit_fetch(self._fetch_room())
-            broker.consume(self.queues, self.on_delivery)
-        except errors as exc:
-            _abandon(broker)
-            raise _SetupLost(exc) from exc
-        self.broker = broker
-        self.observers.connected()
-        if self.control is not None:
-            self.control.start(broker.connection)
-        if self.gossip is not None and broker.connection.transport.driver_type in \
-                GOSSIP_TRANSPORTS:
-            self.gossip.start(broker.connection)
-        if self.mingle is not None and broker.connection.transport.driver_type in \
-                COMPATIBLE_TRANSPORTS:
-            self.mingle.begin()
-
-    def _establish(self, first: bool, owed: Any = None) -> bool:
-        """Connect until it works, a shutdown comes, or retrying is over.
-
-        ``owed``: what the lost connection's adapter still owed the broker
-        (`Broker.abandon`); the new adapter settles it (``adopt``, native
-        Redis: delivery tags outlive connections there).
-        """
-        while not self.should_stop:
-            try:
-                self.connect(first=first)
-            except ConnectStopped:
-                return False
-            except _GaveUp:
-                self._give_up()
-                return False
-            except _SetupLost as lost:
-                first = False
-                logger.warning("%s (%r)", CONNECTION_RETRY, lost.__cause__)
-                if not self.app.conf.broker_connection_retry:
-                    logger.critical(
-                        "Retrying to re-establish a connection to the message broker after a "
-                        "connection loss has been disabled (app.conf.broker_connection_retry"
-                        "=False). Shutting down...")
-                    self._give_up()
-                    return False
-                time.sleep(1.0)  # the broker flaps: do not spin
-                continue
-            self._adopt(owed)
-            return True
-        return False
-
-    def _adopt(self, owed: Any) -> None:
-        """Hand what the lost connection still owed to the new one (native Redis).
-
-        Running tasks whose message was never acked keep it: the new adapter
-        leases it and acks it when they end, instead of it being restored
-        after ``visibility_timeout`` and run twice. Messages dropped with
-        the connection (reserved, ETA, rate-limited) go back to their queue
-        at once instead of after ``visibility_timeout``.
-        """
-        adopt = getattr(self.broker, "adopt", None)
-        if owed is None or adopt is None:
-            return
-        running = [request for request in self.active.values()
-                   if not request.acked or request.ack_pending]
-        try:
-            kept = adopt(owed, [request.delivery for request in running])
-        except self._connection_errors():
-            logger.warning("Could not settle what the lost connection owed; those "
-                           "messages come back after visibility_timeout", exc_info=True)
-            return
-        for request in running:
-            if request.delivery.handle.delivery_tag in kept:
-                request.generation = self.generation
-
-    def _give_up(self) -> None:
-        """No more retrying: the worker stops (warm) and exits with 1, as Celery's."""
-        self.exitcode = 1
-        self.should_stop = True
-
     # -- the loop ----------------------------------------------------------------
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
@@ -328,10 +182,6 @@ class Consumer(Announcements):
                 if self.should_stop:
                     break
                 self._on_connection_lost(exc)
-
-    def _connection_errors(self) -> tuple[type[BaseException], ...]:
-        errors = getattr(self.broker, "connection_errors", ())
-        return tuple(errors) or (OSError,)
 
     def _cycle(self) -> None:
         assert self.broker is not None
@@ -377,10 +227,6 @@ class Consumer(Announcements):
                 self.gossip.tick()
             self.dispatcher.flush()
 
-    def _break_event_connection(self) -> None:
-        # The dispatcher's own connection; it reconnects after a failed publish.
-        break_sockets(kombu_sockets(getattr(self.dispatcher, "_connection", None)))
-
     def _poll_timeout(self) -> float:
         timeout = 0.05 if self.active else 0.5
         if self._eta:
@@ -394,45 +240,6 @@ class Consumer(Announcements):
         if self.mingle is not None and not self.mingle.done:
             timeout = min(timeout, 0.05)
         return timeout
-
-    def _on_connection_lost(self, exc: BaseException) -> None:
-        """Drop the connection without talking to it, then reconnect (or stop).
-
-        The lost connection is abandoned first (its sockets shut, nothing
-        sent: a close handshake on a half-open connection would block, Celery
-        #9705); only then are the pidbox and the held requests let go.
-        """
-        logger.warning("%s (%r)", CONNECTION_RETRY, exc)
-        logger.debug("Connection error: %r", exc, exc_info=exc)
-        broker, self.broker = self.broker, None
-        owed = _abandon(broker) if broker is not None else None
-        if owed is None and self.app.conf.get(
-                "worker_cancel_long_running_tasks_on_connection_loss"):
-            self._cancel_unackable()
-        # Un-acked messages go back to the broker with the connection; the
-        # copies held here can no longer be acked, so they are dropped (B36).
-        self.reserved.clear()
-        self._eta.clear()
-        if self.rate_limits is not None:
-            self.rate_limits.clear()
-        if self.control is not None:
-            self.control.stop()
-        if self.gossip is not None:
-            self.gossip.stop()
-        if self.dispatcher is not None:
-            # The event connection goes to the same broker and is rebuilt with
-            # the rest, as Celery's Events step is: left alone it could be
-            # half-open too, and the next event would wait on it.
-            self._break_event_connection()
-            self.dispatcher.close()
-        if not self.app.conf.broker_connection_retry:
-            logger.critical(
-                "Retrying to re-establish a connection to the message broker after a "
-                "connection loss has been disabled (app.conf.broker_connection_retry=False). "
-                "Shutting down...")
-            self._give_up()
-            return
-        self._establish(first=False, owed=owed)
 
     # -- deliveries --------------------------------------------------------------
 
@@ -611,238 +418,6 @@ class Consumer(Announcements):
         if self.pool.runs_inline:
             self._settle_finished()
 
-    def _wait_for_finished(self, timeout: float) -> None:
-        try:
-            item = self._done.get(timeout=timeout)
-        except queue.Empty:
-            return
-        self._settle_item(item)
-        self._settle_finished()
-
-    def _settle_finished(self) -> None:
-        while True:
-            try:
-                item = self._done.get_nowait()
-            except queue.Empty:
-                return
-            self._settle_item(item)
-
-    def _settle_item(self, item: tuple) -> None:
-        """An outcome from a pool, or (with its write's future) one whose
-        deferred SUCCESS write has just finished."""
-        if len(item) == 3:
-            request, outcome, durable = item
-            self._writing[request.id] -= 1
-            if self._writing[request.id] <= 0:
-                del self._writing[request.id]
-            self._settle_written(request, self._after_write(request, outcome, durable))
-        else:
-            self._settle(*item)
-
-    def _settle(self, request: Request, outcome: Outcome) -> None:
-        self.active.pop(id(request), None)
-        if request.terminated:
-            # Announced (REVOKED, acked) when it was terminated; now its slot is free.
-            self.processed += 1
-            return
-        if request.ack_pending:
-            # solo's early ack, which Celery sends once the task is over.
-            request.ack_pending = False
-            self._send_ack(request)
-        durable = outcome.durable
-        if durable is not None:
-            # The task is over (its slot is free) but its SUCCESS is still
-            # being written (group commit): ack, event and count wait for
-            # the write, so a result always precedes its ack.
-            outcome.durable = None
-            if not durable.done():
-                self._writing[request.id] += 1
-                done = self._done
-
-                def written(_: Any) -> None:
-                    done.put((request, outcome, durable))
-
-                durable.add_done_callback(written)
-                return
-            outcome = self._after_write(request, outcome, durable)
-        self._settle_written(request, outcome)
-
-    def _after_write(self, request: Request, outcome: Outcome, durable: Any) -> Outcome:
-        written = outcome.after_write(durable)
-        if written is not outcome:
-            request_logger.error("Task %s[%s] result could not be stored: %r",
-                                 request.name, request.id, written.retval)
-        return written
-
-    def _settle_written(self, request: Request, outcome: Outcome) -> None:
-        self.processed += 1
-        decision = settle(
-            outcome,
-            acks_late=request.acks_late,
-            acks_on_failure_or_timeout=self._acks_on_failure_or_timeout(request.task),
-        )
-        if decision is Settle.ACK:
-            self._ack(request)
-        elif decision is Settle.DROP:
-            self._reject(request, requeue=False)
-        elif decision is Settle.REQUEUE:
-            self._reject(request, requeue=True)
-        self.observers.finished(request, outcome, decision)
-
-    def _acks_on_failure_or_timeout(self, task: Any) -> bool:
-        # A bound task carries the setting; the app's configuration is only
-        # read for one that does not (reading it costs more than settling).
-        value = getattr(task, "acks_on_failure_or_timeout", _MISSING)
-        if value is _MISSING:
-            value = self.app.conf.task_acks_on_failure_or_timeout
-        return bool(value)
-
-    # -- queues changed at run time (add_consumer / cancel_consumer) ---------------
-
-    def add_task_queue(self, name: str, exchange: str | None = None,
-                       exchange_type: str | None = None, routing_key: str | None = None,
-                       **options: Any) -> None:
-        """Consume from one more queue: a known one, or a new one declared as Celery does."""
-        if any(queue.name == name for queue in self.queues):
-            return
-        queues = self.app.amqp.queues
-        if name in queues:  # ``in``: indexing would create a missing queue
-            queue = queues[name]
-        else:
-            queue = queues.select_add(
-                name, exchange=name if exchange is None else exchange,
-                exchange_type=exchange_type or "direct", routing_key=routing_key, **options)
-        self.queues.append(queue)
-        if self.broker is not None:
-            self.broker.add_queue(queue)
-        logger.info("Started consuming from %s", name)
-
-    def cancel_task_queue(self, name: str) -> None:
-        logger.info("Canceling queue %s", name)
-        try:
-            self.app.amqp.queues.deselect(name)
-        except KeyError:
-            pass
-        self.queues = [queue for queue in self.queues if queue.name != name]
-        if self.broker is not None:
-            self.broker.cancel_queue(name)
-
-    # -- running tasks and slots changed at run time (remote control, autoscale) --
-
-    def terminate(self, request: Request, signum: int) -> bool:
-        """``revoke(terminate=True)`` of a running request: Celery's
-        ``Request.terminate`` + ``_announce_revoked``.
-
-        The pool ends the run (prefork: ``signum`` to the child) and reports
-        it later; what clients see is announced now, as Celery's main process
-        does: REVOKED ``terminated`` stored, the message acked, the
-        ``task-revoked`` event (``terminated``, ``signum``) and
-        ``task_revoked``. The slot stays taken until the pool reports; that
-        report is then dropped. False if the pool cannot end it (solo; a run
-        already writing its result).
-        """
-        if request.terminated:
-            return True
-        if self.active.get(id(request)) is not request \
-                or not self.pool.terminate(request.id, signum):
-            return False
-        request.terminated = True
-        self._announce_revoked(request, "terminated", terminated=True, signum=signum)
-        return True
-
-    def _cancel_unackable(self) -> None:
-        """``worker_cancel_long_running_tasks_on_connection_loss``: Celery's
-        ``Request.cancel`` for each running late-acked task whose message went
-        back with the lost connection (it will run again from there).
-
-        The pool ends the run (as ``terminate`` with SIGTERM) and its report
-        is dropped; RETRY ``cancelled by Celery`` is stored, ``on_retry``,
-        ``task_retry`` and the ``task-cancelled`` event follow, and nothing is
-        acked. Not called when the broker adapter carried the messages over
-        to the next connection (native Redis): they are not redelivered, so
-        the runs go on and are acked there.
-        """
-        for request in list(self.active.values()):
-            if not request.acks_late or request.acked or request.terminated:
-                continue
-            message = request.message
-            logger.warning(CANCELLED_ON_CONNECTION_LOSS, f"<Request: {message.name}"
-                           f"[{message.id}] {message.argsrepr} {message.kwargsrepr}>")
-            try:
-                ended = self.pool.terminate(message.id, signal.SIGTERM)
-            except Exception:
-                logger.warning("Failed to cancel active request %r after connection loss",
-                               request.id, exc_info=True)
-                continue
-            if not ended:  # solo: the run is this very thread
-                logger.warning("Failed to cancel active request %r after connection loss",
-                               request.id)
-                continue
-            request.terminated = True
-            self._announce_cancelled(request)
-
-    def _announce_cancelled(self, request: Request) -> None:
-        message = request.message
-        context = build_context(message, request_dict(message, hostname=self.hostname,
-                                                      loglevel=None, logfile=None))
-        reason = Retry(message="cancelled by Celery")
-        try:
-            self.store.mark_as_retry(message.id, reason, None, context)
-        except Exception:
-            logger.exception("Could not store RETRY for %s", message.id)
-        self.observers.cancelled(request)
-        try:
-            request.task.on_retry(reason, message.id, message.args, message.kwargs, None)
-        except Exception:
-            logger.exception("Task %s[%s] on_retry handler raised", message.name, message.id)
-        signals.task_retry.send(sender=request.task, request=context, einfo=None)
-
-    def pool_resized(self) -> None:
-        """The pool's slot count changed (``pool_grow``/``pool_shrink``, autoscale):
-        the consumer starts tasks up to the new ``limit``, and the prefetch count is
-        ``limit`` (at least 1) x multiplier again (with --autoscale: ``max`` x
-        multiplier). Celery's instead adds each change to the count it had, and
-        skips changes that leave no process, so after a failed or total shrink
-        its count no longer matches its pool (docs/compat.md)."""
-        self._update_prefetch()
-
-    # -- what inspect commands report ---------------------------------------------
-
-    def results_in_flight(self) -> set[str]:
-        """Ids of finished tasks whose SUCCESS write (group commit) has not
-        landed yet. Celery writes before it reads another control message,
-        so to a ``revoke`` these are already SUCCESS, never to be marked
-        REVOKED (a read in between would see PENDING)."""
-        return set(self._writing)
-
-    def active_requests(self) -> list[Request]:
-        """Running requests; a terminated one is no longer listed (Celery's ``task_ready``)."""
-        return [request for request in self.active.values() if not request.terminated]
-
-    def reserved_requests(self) -> list[Request]:
-        return list(self.reserved)
-
-    def scheduled_requests(self) -> list[Request]:
-        return [entry[2] for entry in sorted(self._eta)]
-
-    def rate_limited_requests(self) -> list[Request]:
-        """Requests waiting for a rate-limit token.
-
-        Celery lists them in no ``inspect`` reply (neither reserved nor
-        scheduled); only ``query_task`` finds those that had an ETA, as
-        ``scheduled``.
-        """
-        return self.rate_limits.waiting() if self.rate_limits is not None else []
-
-    def broker_info(self) -> dict[str, Any]:
-        """The ``broker`` section of ``inspect stats``: kombu's info, never the password."""
-        connection = getattr(self.broker, "connection", None)
-        if connection is None:
-            return {}
-        info = dict(connection.info())
-        info.pop("password", None)
-        return info
-
     def has_work(self) -> bool:
         """Tasks running, or finished with their SUCCESS still being written."""
         return bool(self.active) or bool(self._writing)
@@ -855,41 +430,6 @@ class Consumer(Announcements):
                 self.broker.poll(0)
             except self._connection_errors():
                 pass
-
-    # -- settling ----------------------------------------------------------------
-
-    def _ack(self, request: Request) -> None:
-        if request.acked:
-            return
-        request.acked = True
-        self._send_ack(request)
-
-    def _send_ack(self, request: Request) -> None:
-        if request.generation != self.generation or self.broker is None:
-            return  # its connection is gone; the broker has it back already
-        try:
-            self.broker.ack(request.delivery)
-        except self._connection_errors():
-            logger.exception("Couldn't ack %r", request.message.id)
-
-    def _reject(self, request: Request, requeue: bool) -> None:
-        if request.acked:
-            return
-        request.acked = True
-        if request.generation != self.generation or self.broker is None:
-            return
-        try:
-            self.broker.reject(request.delivery, requeue=requeue)
-        except self._connection_errors():
-            logger.exception("Couldn't reject %r", request.message.id)
-
-    def _reject_delivery(self, delivery: Delivery, requeue: bool = False) -> None:
-        if self.broker is None:
-            return
-        try:
-            self.broker.reject(delivery, requeue=requeue)
-        except self._connection_errors():
-            logger.exception("Couldn't reject a message")
 
     # -- shutdown ------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from celery.exceptions import WorkerShutdown
 from celery.platforms import EX_OK
@@ -40,6 +40,11 @@ from celerycompat.celery_release import (
     revoke_stores,
 )
 from celerycompat.consumer.revoked_stamps import intersecting, parse_cli_headers
+
+if TYPE_CHECKING:
+    # Commands reach the consumer through its public methods and the
+    # interface in consumer/controls.py.
+    from celerycompat.consumer.consumer import Consumer
 
 logger = logging.getLogger("celery.worker.control")
 
@@ -71,7 +76,7 @@ class ControlState:
 
     app: Any
     hostname: str
-    consumer: Any
+    consumer: Consumer
     started: float = field(default_factory=time.monotonic)
     tset: Callable[[Any], set] = set
 
@@ -296,7 +301,7 @@ def _store_revoked(state: ControlState, task_ids: set[str], *, unless_started: b
 
 @command("revoked", "dump_revoked")
 def revoked(state: ControlState, **kwargs: Any) -> list[str]:
-    return list(getattr(state.consumer, "revoked", ()) or ())
+    return list(state.consumer.revoked)
 
 
 @command("query_task")
@@ -408,7 +413,7 @@ def rate_limit(state: ControlState, task_name: Any, rate_limit: Any,
 def stats(state: ControlState, **kwargs: Any) -> dict[str, Any]:
     """Celery's ``stats`` layout (F10), with our pool's facts."""
     consumer = state.consumer
-    autoscaler = getattr(consumer, "autoscaler", None)
+    autoscaler = consumer.autoscaler
     return {
         "total": dict(consumer.total_count),
         "pid": os.getpid(),
@@ -467,7 +472,7 @@ def pool_grow(state: ControlState, n: Any = 1, **kwargs: Any) -> dict[str, str]:
     Celery's threads pool cannot grow (an AttributeError reply); ours can.
     """
     consumer = state.consumer
-    if getattr(consumer, "autoscaler", None) is not None:
+    if consumer.autoscaler is not None:
         return nok("pool_grow is not supported with autoscale. Adjust autoscale range instead.")
     _resize(consumer.pool, "grow", n)
     consumer.pool_resized()
@@ -479,7 +484,7 @@ def pool_shrink(state: ControlState, n: Any = 1, **kwargs: Any) -> dict[str, str
     """``n`` fewer slots; prefork stops idle processes only (billiard's ValueError
     when too few are idle, after stopping those that are)."""
     consumer = state.consumer
-    if getattr(consumer, "autoscaler", None) is not None:
+    if consumer.autoscaler is not None:
         return nok("pool_shrink is not supported with autoscale. "
                    "Adjust autoscale range instead.")
     try:
@@ -532,7 +537,7 @@ def autoscale(state: ControlState, max: Any = None, min: Any = None) -> dict[str
     No ``**kwargs``: Celery's handler takes none either, so an unknown
     argument is a TypeError reply on both.
     """
-    autoscaler = getattr(state.consumer, "autoscaler", None)
+    autoscaler = state.consumer.autoscaler
     if autoscaler is None:
         raise ValueError("Autoscale not enabled")
     max_, min_ = autoscaler.update(max, min)
@@ -545,7 +550,7 @@ def autoscale(state: ControlState, max: Any = None, min: Any = None) -> dict[str
 def _dispatcher(state: ControlState, needs: str) -> Any:
     """The event dispatcher, or None when the worker has none. Before 5.7 a
     command then fails as Celery's does, reaching for ``needs`` on None."""
-    dispatcher = getattr(state.consumer, "dispatcher", None)
+    dispatcher = state.consumer.dispatcher
     if dispatcher is None and not control_replies_are_57():
         raise AttributeError(f"'NoneType' object has no attribute '{needs}'")
     return dispatcher
@@ -624,7 +629,7 @@ def election(state: ControlState, id: Any = None, topic: Any = None, action: Any
     Without gossip Celery 5.7 replies with an AttributeError from its idle
     gossip step; ccworker takes part in nothing and replies ``null``.
     """
-    gossip = getattr(state.consumer, "gossip", None)
-    if gossip is not None and gossip._channel is not None:
+    gossip = state.consumer.gossip
+    if gossip is not None and gossip.running:
         gossip.election(id, topic, action)
     return None

@@ -65,6 +65,11 @@ class Gossip:
 
     # -- lifecycle: one per connection ----------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """Listening on a connection (between `start` and `stop`)."""
+        return self._channel is not None
+
     def start(self, connection: Any) -> None:
         self._channel = connection.channel()
         receiver = self.app.events.Receiver(self._channel, routing_key="worker.#",

@@ -8,7 +8,8 @@ then the same command line ``exec``\\ ed, so the pid stays. For each pool
 family the same steps run on both workers and what an operator sees is
 compared: the dump names the main thread, a task still runs, after SIGHUP
 the restart line is printed, the same pid logs ``ready.`` a second time
-and runs a task again. Redis.
+and runs a task again; the worker runs with ``--pidfile``, which the
+restarted worker must not take for another's. Redis.
 
 Both workers run as their console scripts (``celery``, ``ccworker``), as a
 deployment starts them: Celery's restart ``exec``\\ s ``sys.argv``, which
@@ -50,8 +51,10 @@ def add(worker: harness.WorkerProcess, x: int, y: int) -> object:
         return result.get(timeout=30)
 
 
-def observe(kind: str, pool: str, broker: harness.BrokerEnv, log_dir) -> dict:
-    spec = harness.WorkerSpec(project=PROJECT, pool=pool, concurrency=2)
+def observe(kind: str, pool: str, broker: harness.BrokerEnv, log_dir, tmp: Path) -> dict:
+    pidfile = tmp / f"{kind}-{pool}.pid"
+    spec = harness.WorkerSpec(project=PROJECT, pool=pool, concurrency=2,
+                              extra_flags=("--pidfile", str(pidfile)))
     worker = ScriptWorker(kind, spec, broker, log_dir).start()
     ready = f"{worker.nodename} ready."
     seen: dict = {}
@@ -72,20 +75,23 @@ def observe(kind: str, pool: str, broker: harness.BrokerEnv, log_dir) -> dict:
                                 if line.startswith("Restarting celery worker (")]
         seen["ready again"] = log.count(ready)
         seen["same pid"] = worker.alive() and worker.pid == pid
+        seen["pidfile names it"] = pidfile.read_text().strip() == str(pid)
         seen["runs a task after the restart"] = add(worker, 4, 5)
     finally:
         seen["exit after SIGTERM"] = worker.stop()
+        seen["pidfile removed"] = not pidfile.exists()
     return seen
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
-def test_usr1_dumps_stacks_and_hup_restarts(pool, redis_available, interop_log_dir):
+def test_usr1_dumps_stacks_and_hup_restarts(pool, redis_available, interop_log_dir, tmp_path):
     broker = harness.BrokerEnv("redis", harness.redis_db_url(harness.BROKER_DB))
-    observed = {kind: observe(kind, pool, broker, interop_log_dir)
+    observed = {kind: observe(kind, pool, broker, interop_log_dir, tmp_path)
                 for kind in harness.selected_kinds()}
     celery_seen = observed.get("celery", next(iter(observed.values())))
     assert celery_seen["dump names the main thread"]
     assert celery_seen["restart line"] == ["Restarting celery worker "]
     assert celery_seen["ready again"] == 2
+    assert celery_seen["pidfile names it"] and celery_seen["pidfile removed"]
     for seen in observed.values():
         assert seen == celery_seen

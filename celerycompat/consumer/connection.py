@@ -1,0 +1,268 @@
+"""The consumer's connection: connect, retry, lose it, reconnect.
+
+Celery's policy, in one place: ``broker_connection_retry_on_startup`` /
+``broker_connection_retry`` say whether to retry, kombu's backoff how
+(``broker_connection_max_retries`` how often), and giving up stops the
+worker with exit code 1 after Celery's critical line. A lost connection is
+abandoned without a word to the broker (a close handshake on a half-open
+socket would block, Celery #9705), the requests held for it are dropped
+(the broker has their messages back), the pidbox, gossip and the event
+connection are let go, and a new connection is made; on native Redis the
+new adapter adopts what the lost one still owed (`Broker.abandon` /
+``adopt``), so a running task's message is not restored and run twice.
+
+These are the `Consumer`'s methods (a mixin, as consumer/announce.py's):
+what they use of it is listed on `ConnectionLifecycle`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from kombu.exceptions import OperationalError
+
+from celerycompat.celery_release import setting as release_setting
+from celerycompat.consumer.broker import Broker, ConnectStopped
+from celerycompat.consumer.liveness import break_sockets, kombu_sockets
+from celerycompat.control.gossip import COMPATIBLE_TRANSPORTS as GOSSIP_TRANSPORTS
+from celerycompat.control.mingle import COMPATIBLE_TRANSPORTS
+
+logger = logging.getLogger("celery.worker.consumer.consumer")
+worker_logger = logging.getLogger("celery.worker.worker")
+
+#: Celery's warning when the connection is lost (``%s (%r)`` with the error).
+CONNECTION_RETRY = ("consumer: Connection to broker lost. "
+                    "Trying to re-establish the connection...")
+
+
+class _GaveUp(Exception):
+    """The broker is not retried any more; the reason is already logged."""
+
+
+class _SetupLost(Exception):
+    """Connected, then lost while declaring and consuming; ``__cause__`` says how."""
+
+
+def _abandon(broker: Any) -> Any:
+    """``broker.abandon()``: release a lost connection without a word to the broker;
+    returns what it still owed (native Redis), or None."""
+    try:
+        return broker.abandon()
+    except Exception:
+        logger.debug("error while abandoning the lost connection", exc_info=True)
+        return None
+
+
+class ConnectionLifecycle:
+    """The `Consumer`'s connection handling (module docstring).
+
+    What it uses of the consumer: the settings (``app``), ``broker_factory``
+    and ``broker``, ``generation`` (bumped per connection: requests of an
+    older one are not acked), ``purge``, ``queues``, ``should_stop`` and
+    ``exitcode``, the parts restarted per connection (``observers``,
+    ``control``, ``gossip``, ``mingle``, ``dispatcher``), the held requests
+    it drops (``reserved``, ``_eta``, ``rate_limits``) and the running ones
+    it hands over (``active``), and ``on_delivery``, ``_qos_value``,
+    ``_fetch_room``, ``disable_prefetch``, ``_cancel_unackable``.
+    """
+
+    app: Any
+    broker_factory: Callable[[], Broker]
+    broker: Broker | None
+    generation: int
+    purge: bool
+    queues: list
+    should_stop: bool
+    exitcode: int | None
+    observers: Any
+    control: Any
+    gossip: Any
+    mingle: Any
+    dispatcher: Any
+    reserved: Any
+    _eta: list
+    rate_limits: Any
+    active: dict
+    disable_prefetch: bool
+
+    if TYPE_CHECKING:  # the consumer's, used here
+        def on_delivery(self, delivery: Any) -> None:
+            ...
+
+        def _qos_value(self) -> int:
+            ...
+
+        def _fetch_room(self) -> int | None:
+            ...
+
+        def _cancel_unackable(self) -> None:
+            ...
+
+    def connect(self, first: bool = False) -> None:
+        """Connect, declare and start consuming; called at start and after a loss.
+
+        Retries as Celery's consumer does: ``broker_connection_retry_on_startup``
+        (``first``, when set) or ``broker_connection_retry`` say whether to,
+        ``broker_connection_max_retries`` how often. Raises `_GaveUp` (after
+        Celery's critical line) when the worker must stop, `ConnectStopped`
+        when a shutdown came during the wait, `_SetupLost` when the
+        connection was lost again while consuming was being set up.
+        """
+        self.generation += 1
+        broker = self.broker_factory()
+        conf = self.app.conf
+        setting = "broker_connection_retry_on_startup" \
+            if first and release_setting(conf, "broker_connection_retry_on_startup") is not None \
+            else "broker_connection_retry"
+        retry = bool(conf[setting])
+        try:
+            broker.connect(retry=retry, max_retries=conf.broker_connection_max_retries,
+                           should_stop=lambda: self.should_stop)
+        except ConnectStopped:
+            raise
+        except OperationalError as exc:  # retries used up: Celery's worker crashes
+            worker_logger.critical("Unrecoverable error: %r", exc, exc_info=True)
+            raise _GaveUp() from exc
+        except Exception as exc:
+            if retry:
+                raise
+            logger.critical(
+                "Retrying to %s a connection to the message broker after a connection "
+                "loss has been disabled (app.conf.%s=False). Shutting down...",
+                "establish" if first else "re-establish", setting)
+            raise _GaveUp() from exc
+        logger.info("Connected to %s", broker.url_for_log)
+        errors = tuple(getattr(broker, "connection_errors", ())) or (OSError,)
+        try:
+            if self.purge:
+                count = broker.purge(self.queues)
+                self.purge = False
+                nq = len(self.queues)
+                print(f"Purged {count} {'message' if count == 1 else 'messages'} from "
+                      f"{nq} known task {'queue' if nq == 1 else 'queues'}.", flush=True)
+            broker.set_prefetch(self._qos_value())
+            if self.disable_prefetch:
+                broker.limit_fetch(self._fetch_room())
+            broker.consume(self.queues, self.on_delivery)
+        except errors as exc:
+            _abandon(broker)
+            raise _SetupLost(exc) from exc
+        self.broker = broker
+        self.observers.connected()
+        if self.control is not None:
+            self.control.start(broker.connection)
+        if self.gossip is not None and broker.connection.transport.driver_type in \
+                GOSSIP_TRANSPORTS:
+            self.gossip.start(broker.connection)
+        if self.mingle is not None and broker.connection.transport.driver_type in \
+                COMPATIBLE_TRANSPORTS:
+            self.mingle.begin()
+
+    def _establish(self, first: bool, owed: Any = None) -> bool:
+        """Connect until it works, a shutdown comes, or retrying is over.
+
+        ``owed``: what the lost connection's adapter still owed the broker
+        (`Broker.abandon`); the new adapter settles it (``adopt``, native
+        Redis: delivery tags outlive connections there).
+        """
+        while not self.should_stop:
+            try:
+                self.connect(first=first)
+            except ConnectStopped:
+                return False
+            except _GaveUp:
+                self._give_up()
+                return False
+            except _SetupLost as lost:
+                first = False
+                logger.warning("%s (%r)", CONNECTION_RETRY, lost.__cause__)
+                if not self.app.conf.broker_connection_retry:
+                    logger.critical(
+                        "Retrying to re-establish a connection to the message broker after a "
+                        "connection loss has been disabled (app.conf.broker_connection_retry"
+                        "=False). Shutting down...")
+                    self._give_up()
+                    return False
+                time.sleep(1.0)  # the broker flaps: do not spin
+                continue
+            self._adopt(owed)
+            return True
+        return False
+
+    def _adopt(self, owed: Any) -> None:
+        """Hand what the lost connection still owed to the new one (native Redis).
+
+        Running tasks whose message was never acked keep it: the new adapter
+        leases it and acks it when they end, instead of it being restored
+        after ``visibility_timeout`` and run twice. Messages dropped with
+        the connection (reserved, ETA, rate-limited) go back to their queue
+        at once instead of after ``visibility_timeout``.
+        """
+        adopt = getattr(self.broker, "adopt", None)
+        if owed is None or adopt is None:
+            return
+        running = [request for request in self.active.values()
+                   if not request.acked or request.ack_pending]
+        try:
+            kept = adopt(owed, [request.delivery for request in running])
+        except self._connection_errors():
+            logger.warning("Could not settle what the lost connection owed; those "
+                           "messages come back after visibility_timeout", exc_info=True)
+            return
+        for request in running:
+            if request.delivery.handle.delivery_tag in kept:
+                request.generation = self.generation
+
+    def _give_up(self) -> None:
+        """No more retrying: the worker stops (warm) and exits with 1, as Celery's."""
+        self.exitcode = 1
+        self.should_stop = True
+
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        errors = getattr(self.broker, "connection_errors", ())
+        return tuple(errors) or (OSError,)
+
+    def _on_connection_lost(self, exc: BaseException) -> None:
+        """Drop the connection without talking to it, then reconnect (or stop).
+
+        The lost connection is abandoned first (its sockets shut, nothing
+        sent: a close handshake on a half-open connection would block, Celery
+        #9705); only then are the pidbox and the held requests let go.
+        """
+        logger.warning("%s (%r)", CONNECTION_RETRY, exc)
+        logger.debug("Connection error: %r", exc, exc_info=exc)
+        broker, self.broker = self.broker, None
+        owed = _abandon(broker) if broker is not None else None
+        if owed is None and self.app.conf.get(
+                "worker_cancel_long_running_tasks_on_connection_loss"):
+            self._cancel_unackable()
+        # Un-acked messages go back to the broker with the connection; the
+        # copies held here can no longer be acked, so they are dropped (B36).
+        self.reserved.clear()
+        self._eta.clear()
+        if self.rate_limits is not None:
+            self.rate_limits.clear()
+        if self.control is not None:
+            self.control.stop()
+        if self.gossip is not None:
+            self.gossip.stop()
+        if self.dispatcher is not None:
+            # The event connection goes to the same broker and is rebuilt with
+            # the rest, as Celery's Events step is: left alone it could be
+            # half-open too, and the next event would wait on it.
+            self._break_event_connection()
+            self.dispatcher.close()
+        if not self.app.conf.broker_connection_retry:
+            logger.critical(
+                "Retrying to re-establish a connection to the message broker after a "
+                "connection loss has been disabled (app.conf.broker_connection_retry=False). "
+                "Shutting down...")
+            self._give_up()
+            return
+        self._establish(first=False, owed=owed)
+
+    def _break_event_connection(self) -> None:
+        # The dispatcher's own connection; it reconnects after a failed publish.
+        break_sockets(kombu_sockets(getattr(self.dispatcher, "_connection", None)))

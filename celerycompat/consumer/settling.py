@@ -1,0 +1,174 @@
+"""Settling: what happens to a message once its task is over (B5, B6).
+
+Outcomes come back from the pool's threads (or prefork's result thread)
+through the consumer's ``_done`` queue and are settled on the consumer's
+thread, the only one that talks to the broker. `execution.outcome.settle`
+decides (ack, reject and drop, requeue) from the outcome and the task's
+``acks_late`` / ``acks_on_failure_or_timeout``; this module carries it out.
+A SUCCESS whose result is still being written (group commit,
+backends/group_commit.py) is settled only when the write has landed: the
+slot is freed at once, the ack, the event and the count wait, so a result
+always precedes its ack. A request of an older connection (``generation``)
+is never acked: the broker already has its message back.
+
+These are the `Consumer`'s methods (a mixin); what they use of it is
+listed on `Settling`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from celerycompat.consumer.broker import Delivery
+from celerycompat.consumer.request import Request
+from celerycompat.execution.outcome import Outcome, Settle, settle
+
+logger = logging.getLogger("celery.worker.consumer.consumer")
+request_logger = logging.getLogger("celery.worker.request")
+
+_MISSING = object()
+
+
+class Settling:
+    """The `Consumer`'s settling (module docstring).
+
+    What it uses of the consumer: ``_done`` (outcomes from the pool),
+    ``_writing`` (ids whose SUCCESS write is in flight), ``active``,
+    ``processed``, ``generation``, ``broker``, ``observers``, ``app`` and
+    ``_connection_errors``.
+    """
+
+    app: Any
+    broker: Any
+    generation: int
+    active: dict
+    processed: int
+    observers: Any
+    _done: queue.SimpleQueue
+    _writing: Counter
+
+    if TYPE_CHECKING:  # the consumer's, used here
+        def _connection_errors(self) -> tuple[type[BaseException], ...]:
+            ...
+
+    def _wait_for_finished(self, timeout: float) -> None:
+        try:
+            item = self._done.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._settle_item(item)
+        self._settle_finished()
+
+    def _settle_finished(self) -> None:
+        while True:
+            try:
+                item = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._settle_item(item)
+
+    def _settle_item(self, item: tuple) -> None:
+        """An outcome from a pool, or (with its write's future) one whose
+        deferred SUCCESS write has just finished."""
+        if len(item) == 3:
+            request, outcome, durable = item
+            self._writing[request.id] -= 1
+            if self._writing[request.id] <= 0:
+                del self._writing[request.id]
+            self._settle_written(request, self._after_write(request, outcome, durable))
+        else:
+            self._settle(*item)
+
+    def _settle(self, request: Request, outcome: Outcome) -> None:
+        self.active.pop(id(request), None)
+        if request.terminated:
+            # Announced (REVOKED, acked) when it was terminated; now its slot is free.
+            self.processed += 1
+            return
+        if request.ack_pending:
+            # solo's early ack, which Celery sends once the task is over.
+            request.ack_pending = False
+            self._send_ack(request)
+        durable = outcome.durable
+        if durable is not None:
+            # The task is over (its slot is free) but its SUCCESS is still
+            # being written (group commit): ack, event and count wait for
+            # the write, so a result always precedes its ack.
+            outcome.durable = None
+            if not durable.done():
+                self._writing[request.id] += 1
+                done = self._done
+
+                def written(_: Any) -> None:
+                    done.put((request, outcome, durable))
+
+                durable.add_done_callback(written)
+                return
+            outcome = self._after_write(request, outcome, durable)
+        self._settle_written(request, outcome)
+
+    def _after_write(self, request: Request, outcome: Outcome, durable: Any) -> Outcome:
+        written = outcome.after_write(durable)
+        if written is not outcome:
+            request_logger.error("Task %s[%s] result could not be stored: %r",
+                                 request.name, request.id, written.retval)
+        return written
+
+    def _settle_written(self, request: Request, outcome: Outcome) -> None:
+        self.processed += 1
+        decision = settle(
+            outcome,
+            acks_late=request.acks_late,
+            acks_on_failure_or_timeout=self._acks_on_failure_or_timeout(request.task),
+        )
+        if decision is Settle.ACK:
+            self._ack(request)
+        elif decision is Settle.DROP:
+            self._reject(request, requeue=False)
+        elif decision is Settle.REQUEUE:
+            self._reject(request, requeue=True)
+        self.observers.finished(request, outcome, decision)
+
+    def _acks_on_failure_or_timeout(self, task: Any) -> bool:
+        # A bound task carries the setting; the app's configuration is only
+        # read for one that does not (reading it costs more than settling).
+        value = getattr(task, "acks_on_failure_or_timeout", _MISSING)
+        if value is _MISSING:
+            value = self.app.conf.task_acks_on_failure_or_timeout
+        return bool(value)
+
+    def _ack(self, request: Request) -> None:
+        if request.acked:
+            return
+        request.acked = True
+        self._send_ack(request)
+
+    def _send_ack(self, request: Request) -> None:
+        if request.generation != self.generation or self.broker is None:
+            return  # its connection is gone; the broker has it back already
+        try:
+            self.broker.ack(request.delivery)
+        except self._connection_errors():
+            logger.exception("Couldn't ack %r", request.message.id)
+
+    def _reject(self, request: Request, requeue: bool) -> None:
+        if request.acked:
+            return
+        request.acked = True
+        if request.generation != self.generation or self.broker is None:
+            return
+        try:
+            self.broker.reject(request.delivery, requeue=requeue)
+        except self._connection_errors():
+            logger.exception("Couldn't reject %r", request.message.id)
+
+    def _reject_delivery(self, delivery: Delivery, requeue: bool = False) -> None:
+        if self.broker is None:
+            return
+        try:
+            self.broker.reject(delivery, requeue=requeue)
+        except self._connection_errors():
+            logger.exception("Couldn't reject a message")
