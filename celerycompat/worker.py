@@ -36,9 +36,9 @@ from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.queues import select_queues
 from celerycompat.consumer.redis_broker import RedisBroker, native_path_eligible
 from celerycompat.consumer.statedb import StateDB
-from celerycompat.control.commands import ControlState
 from celerycompat.control.gossip import Gossip
 from celerycompat.control.mailbox import ControlMailbox
+from celerycompat.control.registry import ControlState
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.observability.service import Observability, observability_for
