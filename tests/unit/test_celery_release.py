@@ -61,11 +61,11 @@ def test_ignore_result_without_the_helper_reads_the_task_only():
 def test_a_flag_the_release_lacks_is_not_offered(monkeypatch):
     """Celery 5.2's ``celery worker`` has neither flag: ccworker under it
     neither accepts them nor hands them to ``celeryd_init``."""
-    from celerycompat import cli
+    from celerycompat import cli_params
 
     older = release.worker_option_names() - {"disable_prefetch", "pool_start_method"}
-    monkeypatch.setattr(cli, "worker_option_names", lambda: older)
-    names = {param.name for param in cli.worker_params()}
+    monkeypatch.setattr(cli_params, "worker_option_names", lambda: older)
+    names = {param.name for param in cli_params.worker_params()}
     assert "disable_prefetch" not in names and "pool_start_method" not in names
     assert "concurrency" in names
 
