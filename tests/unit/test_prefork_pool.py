@@ -437,7 +437,7 @@ def test_restart_replaces_every_child_once_idle(make_pool):
 def test_a_control_call_the_supervisor_did_not_take_is_withdrawn(monkeypatch, caplog):
     """``_call`` gives up after CALL_TIMEOUT; the call must then never run,
     or a late ``kill`` would end a task reported as not terminated."""
-    from celerycompat.pools import prefork
+    from celerycompat.pools import prefork_supervisor as prefork
 
     monkeypatch.setattr(prefork, "CALL_TIMEOUT", 0.05)
     pool = PreforkPool(runner=None, limit=0, hostname="w@h")
