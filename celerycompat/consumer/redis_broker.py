@@ -35,7 +35,6 @@ same queues: the state in Redis is the same whichever consumer wrote it.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from importlib import resources
 from typing import Any, Sequence
@@ -44,12 +43,12 @@ import orjson
 from kombu import Connection
 from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
-from redis.exceptions import ResponseError
 
 from celerycompat.consumer.broker import Delivery, DeliveryCallback
 from celerycompat.consumer.kombu_broker import KombuBroker, to_delivery
-from celerycompat.consumer.liveness import break_sockets, guarded, readable
+from celerycompat.consumer.liveness import break_sockets, guarded
 from celerycompat.consumer.redis_lease import LeaseKeeper, plain_client
+from celerycompat.consumer.redis_wait import RedisWaiting, _text
 
 logger = logging.getLogger("celery.worker.consumer.connection")
 
@@ -81,20 +80,9 @@ RESTORE_CHUNK = 500
 
 #: Messages fetched at most per script call when prefetch is unlimited.
 UNLIMITED_BATCH = 100
-#: BRPOP's server-side timeout on Redis < 6, which takes whole seconds only
-#: (newer servers wait exactly the poll's timeout).
-BRPOP_TIMEOUT = 1
-#: Server-side seconds of each wake-up ``BLMOVE`` (Redis >= 6.2); re-sent
-#: while the worker waits for messages.
-WAKE_TIMEOUT = 1
 #: At most this long (seconds) an ack waits to ride with the next fetch
 #: while the pool is busy; an idle poll sends it at once.
 ACK_DELAY = 0.01
-#: How often (seconds) a consumer too busy to wait still lets kombu poll
-#: its own connection (the pidbox) when no socket of it is readable.
-KOMBU_POLL_INTERVAL = 0.01
-#: A BRPOP with no reply this long past its timeout is on a dead connection.
-BRPOP_GRACE = 10.0
 
 
 #: What the native path reads of kombu's Redis ``Channel`` (key names, the
@@ -154,7 +142,7 @@ def _expires(queue: Any) -> bool:
     return bool(getattr(queue, "expires", None) or arguments.get("x-expires"))
 
 
-class RedisBroker(KombuBroker):
+class RedisBroker(RedisWaiting, KombuBroker):
     """Task queues through the native path; everything else through kombu."""
 
     def __init__(self, connection: Connection, **kwargs: Any) -> None:
@@ -338,191 +326,6 @@ class RedisBroker(KombuBroker):
             self._window -= 1
         assert self._on_delivery is not None
         self._on_delivery(to_delivery(message))
-
-    # -- waiting: BRPOP on our connection, the pidbox on kombu's -------------
-
-    def _send_brpop(self, timeout: float) -> None:
-        if self._blocking is None:
-            self._blocking = self._client.connection_pool.get_connection()
-            self._blocking.send_command("CLIENT", "ID")
-            self._blocking_id = int(self._blocking.read_response())
-        keys = self._keys()
-        self._brpop_keys = {key: key for key in keys}
-        # Redis takes 0 as "forever": never below a millisecond.
-        wait = max(0.001, round(timeout, 3)) if self._fractional_timeout \
-            else max(BRPOP_TIMEOUT, math.ceil(timeout))
-        self._blocking.send_command("BRPOP", *keys, wait)
-        self._brpop_sent_at = time.monotonic()
-        self._brpop_deadline = self._brpop_sent_at + wait + BRPOP_GRACE
-
-    def _wait(self, timeout: float) -> None:
-        # kombu registers the pidbox subscription (and reads what its parser
-        # already buffered) only inside a poll of its own. A busy consumer
-        # polls without waiting after every finished task, and kombu's poll
-        # costs more than our fetch: then it runs every KOMBU_POLL_INTERVAL
-        # (and whenever its socket is readable, below).
-        now = time.monotonic()
-        if timeout > 0 or now >= self._next_kombu_poll:
-            self._next_kombu_poll = now + KOMBU_POLL_INTERVAL
-            self._drain_kombu()
-        if self._brpop_sent_at is None:
-            if self._waiting and self._read_buffered_waiters():
-                return
-            waiters = {self._waiters[key]._sock: key for key in self._waiting}
-            readers = self._kombu_sockets() + [sock for sock in waiters if sock is not None]
-            if not readers:
-                if timeout > 0:
-                    time.sleep(timeout)
-                return
-            ready = readable(readers, max(0.0, timeout))
-            for sock in ready:
-                if sock in waiters:
-                    self._read_waiter(waiters[sock])
-            if any(sock not in waiters for sock in ready):
-                self._drain_kombu()
-            self._check_waiters()
-            return
-        # The BRPOP's reply comes within its server-side timeout; the
-        # pidbox is served meanwhile. No reply by the deadline: the
-        # connection is half-open (a live server always answers in time).
-        while True:
-            if self._blocking_can_read():
-                return self._read_brpop()
-            brpop_sock = self._blocking._sock
-            if brpop_sock is None:
-                raise ConnectionError("the Redis BRPOP connection was closed")
-            remaining = self._brpop_deadline - time.monotonic()
-            if remaining <= 0:
-                self._drop_blocking()
-                raise ConnectionError("Redis BRPOP got no reply; the connection is "
-                                      "presumed dead")
-            ready = readable([*self._kombu_sockets(), brpop_sock], remaining)
-            if any(sock is not brpop_sock for sock in ready):
-                self._drain_kombu()
-            if brpop_sock in ready:
-                return self._read_brpop()
-
-    # -- the non-destructive wake-up (Redis >= 6.2) ---------------------------
-
-    def _wait_keys(self) -> list[str]:
-        """Every list a message for this worker can arrive on (no rotation)."""
-        channel = self._channel
-        return [self._prefix + channel._q_for_pri(queue, pri)
-                for pri in channel.priority_steps for queue in self._queues]
-
-    def _arm_waiters(self) -> None:
-        """Each key without a BLMOVE outstanding gets one, on a connection of its own.
-
-        The connections are made outside kombu's pool (its ``max_connections``
-        is shared with everything else on the channel).
-        """
-        pool = self._client.connection_pool
-        for key in self._wait_keys():
-            if key in self._waiting:
-                continue
-            conn = self._waiters.get(key)
-            if conn is None:
-                conn = self._waiters[key] = pool.connection_class(**pool.connection_kwargs)
-            conn.send_command("BLMOVE", key, key, "RIGHT", "RIGHT", WAKE_TIMEOUT)
-            self._waiting[key] = time.monotonic()
-
-    def _read_buffered_waiters(self) -> bool:
-        """Replies already in redis-py's buffer (invisible to select()); True if any."""
-        read = False
-        for key in list(self._waiting):
-            try:
-                buffered = self._waiters[key].can_read(timeout=0)
-            except Exception:
-                buffered = False
-            if buffered:
-                self._read_waiter(key)
-                read = True
-        return read
-
-    def _read_waiter(self, key: str) -> None:
-        """The wake-up's reply: a message is there (left in place), or the timeout."""
-        try:
-            self._waiters[key].read_response()
-        except ResponseError as exc:
-            # A server that says it is 6.2 but has no BLMOVE (some
-            # Redis-compatible services): wait with BRPOP from now on.
-            logger.warning("Redis refused BLMOVE (%s); waiting with BRPOP instead", exc)
-            self._rotate_wait = False
-            self._drop_waiters()
-            return
-        del self._waiting[key]
-
-    def _check_waiters(self) -> None:
-        """A live server answers a BLMOVE within its timeout; silence means half-open."""
-        now = time.monotonic()
-        for key, sent in self._waiting.items():
-            if now - sent > WAKE_TIMEOUT + BRPOP_GRACE:
-                self._drop_waiters()
-                raise ConnectionError(f"Redis BLMOVE on {key!r} got no reply; the "
-                                      "connection is presumed dead")
-
-    def _drop_waiter(self, key: str) -> None:
-        conn = self._waiters.pop(key, None)
-        self._waiting.pop(key, None)
-        if conn is not None:
-            try:
-                conn.disconnect()
-            except Exception:
-                pass
-
-    def _drop_waiters(self) -> None:
-        """Disconnect every wake-up connection: safe at any time, they hold no message."""
-        for key in list(self._waiters):
-            self._drop_waiter(key)
-
-    def _blocking_can_read(self) -> bool:
-        """A reply already in redis-py's buffer is invisible to select()."""
-        try:
-            return bool(self._blocking.can_read(timeout=0))
-        except Exception:
-            return False
-
-    def _read_brpop(self) -> None:
-        reply = self._blocking.read_response()
-        self._brpop_sent_at = None
-        if not reply:
-            return
-        key, raw = reply
-        key = _text(key)
-        queue = key[len(self._prefix):].split(self._channel.sep, 1)[0]
-        if not self._consuming or queue not in self._queues:
-            # Cancelled while the BRPOP was out: the message goes back to
-            # the end it was popped from, untouched.
-            self._client.rpush(key, raw)
-            return
-        try:
-            self._fetch_batch(max(1, self._room()), popped=raw)
-        except self.connection_errors:
-            self._push_back(key, raw)
-            raise
-
-    def _push_back(self, key: str, raw: bytes) -> None:
-        try:
-            self._client.rpush(key, raw)
-        except Exception:
-            logger.critical("Lost a message popped from %s: the connection failed before "
-                            "it was leased: %.200r", key, raw, exc_info=True)
-
-    def _drain_kombu(self) -> None:
-        try:
-            self.connection.drain_events(timeout=0)
-        except TimeoutError:
-            pass
-        except self.connection_errors:
-            raise
-        except Exception as exc:
-            logger.critical("Received and deleted a message the transport could not "
-                            "decode: %r", exc, exc_info=True)
-
-    def _kombu_sockets(self) -> list[Any]:
-        cycle = getattr(self.connection.transport, "cycle", None)
-        socks = getattr(cycle, "_chan_to_sock", None) or {}
-        return [sock for sock in socks.values() if sock is not None and sock.fileno() >= 0]
 
     # -- keeping state fresh -------------------------------------------------
 
@@ -742,6 +545,3 @@ def _loads(raw: bytes) -> Any:
     except orjson.JSONDecodeError:
         return kombu_loads(raw)
 
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

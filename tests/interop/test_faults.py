@@ -68,7 +68,7 @@ import pytest
 import redis
 
 import harness
-from celerycompat.consumer.redis_broker import readable
+from celerycompat.consumer.liveness import readable
 
 pytestmark = [pytest.mark.interop, pytest.mark.serial, pytest.mark.timeout(240)]
 

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from celerycompat.consumer.redis_broker import readable
+from celerycompat.consumer.liveness import readable
 
 
 def test_readable_handles_descriptors_above_1024() -> None:
