@@ -165,6 +165,34 @@ def test_chord_unlock_on_a_backend_without_native_join(broker, run_differential,
 # --------------------------------------------------------------------------
 
 
+def chord_state(store: redis.Redis, broker: harness.BrokerEnv, queue: str, result,
+                workers: list) -> str:
+    """What a chord whose body never came back left behind, for the failure
+    message: whether the body's result is stored (then the client missed
+    it), the chord's counters, the queue, un-acked messages, and each
+    worker's threads. CI saw this time out once (Celery 5.5.3, Redis) and
+    never again locally."""
+    group_id = result.parent.id if result.parent is not None else None
+    lines = [f"body meta stored: {store.get(f'celery-task-meta-{result.id}')!r}"]
+    if group_id:
+        for suffix in (".j", ".t", ".s"):
+            key = f"celery-taskset-meta-{group_id}{suffix}"
+            kind = store.type(key).decode()
+            size = {"list": store.llen, "zset": store.zcard}.get(kind, lambda k: None)(key)
+            lines.append(f"{key}: {kind} {size if size is not None else store.get(key)!r}")
+    if broker.name == "redis":
+        client = redis.Redis.from_url(broker.url)
+        try:
+            unacked = sum(1 for v in client.hvals("unacked") if queue.encode() in v)
+            lines.append(f"queue {queue}: {client.llen(queue)} ready; unacked: {unacked}")
+        finally:
+            client.close()
+    for worker in workers:
+        lines.append(f"--- {worker.kind} {worker.nodename}:\n{worker.log_tail(30)}\n"
+                     f"threads:\n{worker.dump_stacks()}")
+    return "\n".join(lines)
+
+
 @pytest.mark.parametrize("broker_name", ["redis", "amqp"])
 def test_mixed_chords_complete_exactly_once(broker_name, request, interop_log_dir):
     if broker_name == "redis":
@@ -193,7 +221,13 @@ def test_mixed_chords_complete_exactly_once(broker_name, request, interop_log_di
                 result = chord([who.s(i) for i in range(6)], body.s(key)).apply_async()
                 runs.append((key, result))
             for _, result in runs:
-                assert result.get(timeout=60) == 15
+                try:
+                    value = result.get(timeout=60)
+                except Exception as exc:
+                    raise AssertionError(
+                        f"chord body {result.id}: {exc!r}\n"
+                        + chord_state(store, env_broker, queue, result, workers)) from exc
+                assert value == 15
             time.sleep(1.0)  # room for a duplicate body
             bodies = {key: int(store.get(f"ccit.body.{key}") or 0) for key, _ in runs}
             assert set(bodies.values()) == {1}, bodies
