@@ -9,8 +9,6 @@ command line uses that ccworker does not do as ``celery worker`` 5.7 does:
 * flags and settings ccworker accepts but ignores, or honours differently
   (the lines a ccworker prints at startup, and settings it never reads);
 * the pool (``eventlet``, custom pools, ``worker_pool = "gevent"``);
-* custom bootsteps in ``app.steps['worker']`` / ``['consumer']`` (ccworker
-  has no bootstep blueprint: they would not run);
 * receivers of worker signals Celery would send for this command line and
   ccworker never sends;
 * task classes with their own ``Request`` or ``Strategy`` (worker-side
@@ -56,7 +54,7 @@ class Finding:
     level: str
     """:data:`UNSUPPORTED`, :data:`DIFFERS` or :data:`NOTE`."""
     area: str
-    """``option``, ``pool``, ``setting``, ``bootstep``, ``signal``, ``task``, ``queue``,
+    """``option``, ``pool``, ``setting``, ``signal``, ``task``, ``queue``,
     ``version`` or ``broker``."""
     subject: str
     """What in the project or command line (a flag, a setting, a class)."""
@@ -152,20 +150,6 @@ def _settings(options: Any) -> Iterator[Finding]:
         yield Finding(UNSUPPORTED, "setting", f"worker_autoscaler = {autoscaler!r}",
                       "the custom autoscaler class is not used: ccworker's follows "
                       "Celery's rules (docs/compat.md)")
-
-
-def _bootsteps(options: Any) -> Iterator[Finding]:
-    from celery import bootsteps
-
-    steps = getattr(options.app, "steps", None) or {}
-    for blueprint in ("worker", "consumer"):
-        for step in sorted(steps.get(blueprint, ()), key=_name):
-            detail = ("not run: ccworker has no bootstep blueprint, so nothing it creates, "
-                      "starts or stops happens")
-            if isinstance(step, type) and issubclass(step, bootsteps.ConsumerStep):
-                detail += "; the queues of its get_consumers() are not consumed"
-            yield Finding(UNSUPPORTED, "bootstep", f"{blueprint} bootstep {_name(step)}",
-                          detail)
 
 
 #: Worker signals Celery sends with some pools and ccworker never sends:
@@ -276,7 +260,7 @@ def _versions(options: Any) -> Iterator[Finding]:
                       "transport, as celery worker fetches them (slower, same behaviour)")
 
 
-CHECKS = (_startup_warnings, _beat, _settings, _bootsteps, _signals, _tasks, _autoscale,
+CHECKS = (_startup_warnings, _beat, _settings, _signals, _tasks, _autoscale,
           _versions)
 
 

@@ -31,6 +31,7 @@ from celerycompat.beat import EmbeddedBeat, start_embedded_beat
 from celerycompat.celery_release import celery_version, setting, support_warning
 from celerycompat.consumer.autoscale import Autoscaler
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder, max_message_bytes
 from celerycompat.consumer.delayed_delivery import native_delayed_delivery
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.queues import select_queues
@@ -45,65 +46,13 @@ from celerycompat.observability.service import Observability, observability_for
 from celerycompat.pools.prefork import PreforkPool
 from celerycompat.pools.solo import SoloPool
 from celerycompat.pools.threads import ThreadPool
-from celerycompat.protocol import codecs
-from celerycompat.protocol import message as wire
+from celerycompat.project_steps import StepFailed, StepRunner, project_steps
 
 logger = logging.getLogger("celery.apps.worker")
 shutdown_logger = logging.getLogger("celery.worker.worker")
 
 EX_OK = 0
 EX_FAILURE = 1
-
-
-#: ``CCWORKER_MAX_MESSAGE_BYTES`` (or ``ccworker_max_message_bytes`` in the
-#: app's configuration) when neither is set: a task body over 64 MiB is
-#: rejected before it is decoded. 0 turns the limit off.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-def max_message_bytes(conf: Any, environ: Any = os.environ) -> int | None:
-    """The body size limit: the environment, else the app's configuration, else 64 MiB.
-
-    A value that is not a whole number of bytes stops the start with a
-    clear error rather than running without the protection it asked for.
-    """
-    raw = environ.get("CCWORKER_MAX_MESSAGE_BYTES")
-    where = "CCWORKER_MAX_MESSAGE_BYTES"
-    if raw is None or str(raw).strip() == "":
-        raw = conf.get("ccworker_max_message_bytes")
-        where = "ccworker_max_message_bytes"
-    if raw is None:
-        return DEFAULT_MAX_MESSAGE_BYTES
-    try:
-        value = int(str(raw).strip())
-    except ValueError:
-        raise ValueError(f"{where}={raw!r}: expected a number of bytes (0: no limit)") from None
-    if value < 0:
-        raise ValueError(f"{where}={raw!r}: expected a number of bytes (0: no limit)")
-    return value or None
-
-
-def make_decoder(accept: Any, max_bytes: int | None = None) -> wire.Decoder:
-    """The consumer's body decoder: ``accept_content`` enforced, kombu's errors mapped.
-
-    Bodies over ``max_bytes`` are refused undecoded (`wire.limit_body_size`).
-    Whatever else a codec raises on hostile bytes (kombu lets some errors
-    through unwrapped, e.g. a ``content_encoding`` that is not a string)
-    is an undecodable body: logged and acked, never a dead worker.
-    """
-    accepted = codecs.prepare_accept(accept)
-
-    def decode(body: bytes, content_type: str | None, content_encoding: str | None) -> Any:
-        try:
-            return codecs.loads(body, content_type, content_encoding, accepted)
-        except codecs.ContentDisallowed:
-            raise
-        except codecs.DecodeError as exc:
-            raise wire.BodyUndecodable(exc) from exc
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            raise wire.BodyUndecodable(codecs.DecodeError(exc)) from exc
-
-    return wire.limit_body_size(decode, max_bytes)
 
 
 def autoscale_bounds(options: Any) -> tuple[int, int] | None:
@@ -159,6 +108,8 @@ class Worker:
         self.statedb: StateDB | None = None
         self.observability: Observability | None = None
         self.beat: EmbeddedBeat | None = None
+        #: The project's own bootsteps (project_steps.py); None without any.
+        self.steps: StepRunner | None = None
 
     # -- start -------------------------------------------------------------------
 
@@ -228,9 +179,20 @@ class Worker:
                 statedb.close()
                 raise SystemExit(EX_FAILURE) from exc  # run() stops the pool
             self.statedb = statedb
+        try:
+            # The project's bootsteps: built once every part exists.
+            self.steps = project_steps(app, options, self.pool, self.consumer)
+        except StepFailed as exc:
+            raise SystemExit(EX_FAILURE) from exc
+        self.consumer.observe(self.steps)
         # -B: Celery's beat in a child process, after the pool and before the
         # consumer (the Beat bootstep's place) and our signal handlers (beat.py).
         self.beat = start_embedded_beat(options)
+        if self.steps is not None:
+            try:
+                self.steps.start()  # the worker's steps, before the consumer's
+            except StepFailed as exc:
+                raise SystemExit(EX_FAILURE) from exc
 
     def _start_observability(self) -> None:
         """``--metrics-port``: serve metrics and probes before anything else starts,
@@ -481,6 +443,8 @@ class Worker:
         consumer = self.consumer
         assert consumer is not None
         consumer.stop_consuming()
+        if self.steps is not None:
+            self.steps.stop(cold=self._cold)
         while consumer.has_work() and not self._cold:
             if self._soft_deadline is not None and time.monotonic() >= self._soft_deadline:
                 self._cold = True  # the soft window is over: cold from here
@@ -491,6 +455,8 @@ class Worker:
         self.pool.stop(wait=not self._cold)
         if not self._cold:
             consumer.drain(0)
+        if self.steps is not None:
+            self.steps.shutdown()
 
 
 def run(options: Any) -> int:

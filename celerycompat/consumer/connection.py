@@ -146,11 +146,15 @@ class ConnectionLifecycle:
             if self.disable_prefetch:
                 broker.limit_fetch(self._fetch_room())
             broker.consume(self.queues, self.on_delivery)
+            self.broker = broker
+            # Native delayed delivery and the project's consumer steps
+            # (project_steps.py) start here; a connection error in them is
+            # a connection lost while setting up, as in Celery.
+            self.observers.connected()
         except errors as exc:
+            self.broker = None
             _abandon(broker)
             raise _SetupLost(exc) from exc
-        self.broker = broker
-        self.observers.connected()
         if self.control is not None:
             self.control.start(broker.connection)
         if self.gossip is not None and broker.connection.transport.driver_type in \
@@ -235,6 +239,7 @@ class ConnectionLifecycle:
         logger.debug("Connection error: %r", exc, exc_info=exc)
         broker, self.broker = self.broker, None
         owed = _abandon(broker) if broker is not None else None
+        self.observers.disconnected()
         if owed is None and self.app.conf.get(
                 "worker_cancel_long_running_tasks_on_connection_loss"):
             self._cancel_unackable()

@@ -169,8 +169,8 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
 
     def run(self, on_ready: Callable[[], None] | None = None) -> None:
         """Consume until `should_stop`; then stop consuming (running tasks go on)."""
-        if not self._establish(first=True):
-            return
+        if not self._establish(first=True) or self.exitcode is not None:
+            return  # no broker, or a consumer step failed to start (project_steps.py)
         if self.heart is not None:
             self.heart.start()
         if on_ready is not None:

@@ -1,8 +1,9 @@
 """The one seam the consumer's optional parts plug into (Dramatiq's middleware idea).
 
 Task events (``-E``), the metrics (``--metrics-port``), the autoscaler
-(``--autoscale``) and native delayed delivery (quorum queues) each want to
-hear about the same moments of a task's life and of the loop. Instead of
+(``--autoscale``), native delayed delivery (quorum queues) and the project's
+own consumer steps (project_steps.py) each want to hear about the same
+moments of a task's life and of the loop. Instead of
 one ``if self.x is not None`` branch per part at every such moment, the
 consumer calls each hook once on an `Observers`, which calls the parts that
 implement it, in the order they were added.
@@ -10,6 +11,8 @@ implement it, in the order they were added.
 The hooks (an observer implements any subset, with these signatures):
 
 * ``connected()``: a broker connection is up and consuming (every reconnection);
+* ``disconnected()``: the connection was lost (after it was abandoned, before
+  the held requests are dropped and a new one is made);
 * ``turned()``: one turn of the consumer loop, after finished tasks are settled;
 * ``received(request)``: a task message accepted (after ``task_received``);
 * ``started(request)``: handed to the pool;
@@ -29,8 +32,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-HOOKS = ("connected", "turned", "received", "started", "finished", "revoked", "cancelled",
-         "unknown")
+HOOKS = ("connected", "disconnected", "turned", "received", "started", "finished", "revoked",
+         "cancelled", "unknown")
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
@@ -54,6 +57,7 @@ class Observers:
     """The consumer's observers; each hook in `HOOKS` is an attribute to call."""
 
     connected: Callable[[], None]
+    disconnected: Callable[[], None]
     turned: Callable[[], None]
     received: Callable[[Any], None]
     started: Callable[[Any], None]

@@ -59,9 +59,13 @@ def dump_body(delivery: Delivery) -> str:
     return f"{saferepr(body, 1024)} ({len(body)}b)"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A task message the worker accepted and will run (or hold until its ETA)."""
+    """A task message the worker accepted and will run (or hold until its ETA).
+
+    Compared and hashed by identity, as Celery's (``worker.state`` keeps
+    requests in weak sets).
+    """
 
     delivery: Delivery
     message: wire.TaskMessage

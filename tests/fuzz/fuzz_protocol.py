@@ -25,9 +25,9 @@ from datetime import timezone
 import atheris
 
 with atheris.instrument_imports(include=["celerycompat"]):
+    from celerycompat.consumer.decoder import make_decoder
     from celerycompat.protocol import codecs
     from celerycompat.protocol import message as wire
-    from celerycompat.worker import make_decoder
 
 DOCUMENTED = (wire.UnknownMessage, wire.InvalidTaskMessage, wire.BodyUndecodable,
               codecs.ContentDisallowed)

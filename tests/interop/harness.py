@@ -717,6 +717,39 @@ def group_by_task(entries: list) -> list:
     return sorted(entries, key=lambda entry: first_seen[entry[1].get("id")])
 
 
+def kill_redis_connections(pid: int) -> int:
+    """Close, server side, every Redis connection of process ``pid`` (CLIENT KILL).
+
+    Only this worker's connections: their local ports are found through
+    /proc, so other clients of the shared Redis are not touched.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                fields = line.split()
+                if fields[9] in inodes:
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    client = redis.Redis.from_url(redis_base_url())
+    killed = 0
+    try:
+        for entry in client.client_list():
+            if int(entry["addr"].rsplit(":", 1)[1]) in ports:
+                killed += client.client_kill_filter(_id=entry["id"])
+    finally:
+        client.close()
+    return killed
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with ``pid`` exists (signal 0)."""
     try:

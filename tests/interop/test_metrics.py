@@ -10,7 +10,6 @@ consumer thread (proj_observe/signals.py).
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import time
@@ -18,7 +17,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 import harness
@@ -80,39 +78,6 @@ def wait_for(predicate, what: str, timeout: float = 20.0):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def kill_redis_connections(pid: int) -> int:
-    """Close, server side, every Redis connection of process ``pid`` (CLIENT KILL).
-
-    Only this worker's connections: their local ports are found through
-    /proc, so other clients of the shared Redis are not touched.
-    """
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as lines:
-            next(lines)
-            for line in lines:
-                fields = line.split()
-                if fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    client = redis.Redis.from_url(harness.redis_base_url())
-    killed = 0
-    try:
-        for entry in client.client_list():
-            if int(entry["addr"].rsplit(":", 1)[1]) in ports:
-                killed += client.client_kill_filter(_id=entry["id"])
-    finally:
-        client.close()
-    return killed
-
-
 def test_counts_probes_reconnect_and_stall(interop_log_dir, redis_available):
     worker = start_worker(interop_log_dir, "threads", "--health-stall-timeout", "2")
     try:
@@ -164,7 +129,7 @@ def test_counts_probes_reconnect_and_stall(interop_log_dir, redis_available):
             assert count(samples, "ccworker_broker_reconnects_total") == 0
 
             # The broker connection is cut: the worker reconnects and counts it.
-            assert kill_redis_connections(worker.pid) >= 1
+            assert harness.kill_redis_connections(worker.pid) >= 1
             wait_for(lambda: count(scrape(base), "ccworker_broker_reconnects_total") >= 1,
                      "a reconnect to be counted")
             assert app.send_task(TASKS + "ok", (7,)).get(timeout=30) == 7

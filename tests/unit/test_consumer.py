@@ -16,10 +16,10 @@ import pytest
 from celery import Celery
 
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.threads import ThreadPool
-from celerycompat.worker import make_decoder
 
 
 class BrokenStore:

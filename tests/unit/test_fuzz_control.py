@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 from kombu.message import Message
 
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.control.commands import COMMANDS, ControlState
 from celerycompat.control.mailbox import ControlMailbox
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.procproto import time_limits
 from celerycompat.pools.solo import SoloPool
-from celerycompat.worker import make_decoder
 
 EXAMPLES = int(os.environ.get("CCWORKER_FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,

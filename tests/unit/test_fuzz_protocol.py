@@ -41,12 +41,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.threads import ThreadPool
 from celerycompat.protocol import codecs
 from celerycompat.protocol import message as wire
-from celerycompat.worker import make_decoder
 
 EXAMPLES = int(os.environ.get("CCWORKER_FUZZ_EXAMPLES", "1000"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None,

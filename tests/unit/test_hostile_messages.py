@@ -13,9 +13,9 @@ from datetime import timedelta, timezone
 
 import pytest
 
+from celerycompat.consumer.decoder import DEFAULT_MAX_MESSAGE_BYTES, make_decoder, max_message_bytes
 from celerycompat.pools.procproto import time_limits
 from celerycompat.protocol import message as wire
-from celerycompat.worker import DEFAULT_MAX_MESSAGE_BYTES, make_decoder, max_message_bytes
 
 DECODE = make_decoder(["json"])
 BODY = json.dumps([[1, 2], {}, None]).encode()

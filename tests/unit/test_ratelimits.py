@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 
 from celerycompat.backends import result_store_for
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.ratelimits import RateLimits, TokenBucket, parse_rate
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.threads import ThreadPool
-from celerycompat.worker import make_decoder
 
 
 class Clock:

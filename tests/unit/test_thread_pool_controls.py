@@ -17,11 +17,11 @@ import pytest
 from celery import Celery
 
 from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder
 from celerycompat.execution.outcome import State
 from celerycompat.execution.runner import RunSettings, TaskRunner
 from celerycompat.pools.threads import ThreadPool
 from celerycompat.protocol.message import TaskMessage
-from celerycompat.worker import make_decoder
 
 
 class RecordingStore:
