@@ -8,7 +8,7 @@ command line uses that ccworker does not do as ``celery worker`` 5.7 does:
 
 * flags and settings ccworker accepts but ignores, or honours differently
   (the lines a ccworker prints at startup, and settings it never reads);
-* the pool (``eventlet``, custom pools, ``worker_pool = "gevent"``);
+* the pool (custom pools, ``worker_pool = "gevent"``);
 * receivers of worker signals Celery would send for this command line and
   ccworker never sends;
 * task classes with their own ``Request`` or ``Strategy`` (worker-side
@@ -92,8 +92,8 @@ def _startup_warnings(options: Any) -> Iterator[Finding]:
             yield Finding(NOTE, "option", text.split(" option")[0].rsplit(" ", 1)[-1], text)
         elif text.startswith("pool "):
             yield Finding(UNSUPPORTED, "pool", f"-P {options.requested_pool}", text)
-        elif text.startswith("the gevent pool"):
-            yield Finding(DIFFERS, "pool", "worker_pool = 'gevent'", text)
+        elif text.startswith(("the gevent pool", "the eventlet pool")):
+            yield Finding(DIFFERS, "pool", f"worker_pool = {options.requested_pool!r}", text)
         else:
             yield Finding(UNSUPPORTED, "option", text.split(" is ")[0], text)
 
@@ -152,8 +152,9 @@ def _settings(options: Any) -> Iterator[Finding]:
                       "Celery's rules (docs/compat.md)")
 
 
-#: Worker signals Celery sends with some pools and ccworker never sends:
-#: signal name -> the requested pools for which Celery sends it.
+#: Worker signals Celery sends with some pools: signal name -> those pools.
+#: ccworker sends them too, unless it runs another pool than the one asked
+#: for (a green pool the process could not be patched for).
 UNSENT_SIGNALS: dict[str, tuple[str, ...]] = {
     "eventlet_pool_started": ("eventlet",),
     "eventlet_pool_preshutdown": ("eventlet",),
@@ -177,13 +178,14 @@ def _signals(options: Any) -> Iterator[Finding]:
     from celery import signals
 
     for name, pools in UNSENT_SIGNALS.items():
-        if options.requested_pool not in pools:
+        if options.requested_pool not in pools or options.pool in pools:
             continue
         receivers = _live_receivers(getattr(signals, name))
         if receivers:
             yield Finding(UNSUPPORTED, "signal", f"{name} receivers: "
                           + ", ".join(_name(r) for r in receivers),
-                          f"never sent: ccworker has no {options.requested_pool} pool")
+                          f"never sent: this worker runs the {options.pool} pool, not "
+                          f"{options.requested_pool}")
 
 
 def _tasks(options: Any) -> Iterator[Finding]:
@@ -219,7 +221,7 @@ def _tasks(options: Any) -> Iterator[Finding]:
 
 
 def _time_limits(options: Any, limited: list[str]) -> Iterator[Finding]:
-    """Time limits Celery ignores on its threads/solo (and soft ones on gevent)."""
+    """Time limits Celery ignores on its threads/solo/eventlet (and soft ones on gevent)."""
     conf_limits = options.time_limit or options.soft_time_limit
     if not (limited or conf_limits):
         return
@@ -234,6 +236,11 @@ def _time_limits(options: Any, limited: list[str]) -> Iterator[Finding]:
         yield Finding(DIFFERS, "task", f"soft time limits on the gevent pool ({where})",
                       "SoftTimeLimitExceeded is raised in the task; Celery's gevent pool "
                       "ignores soft limits")
+    elif options.pool == "eventlet":
+        yield Finding(DIFFERS, "task", f"time limits on the eventlet pool ({where})",
+                      "enforced by ccworker (SoftTimeLimitExceeded raised in the task, "
+                      "the task killed at the hard one); Celery's eventlet pool ignores "
+                      "both")
 
 
 def _autoscale(options: Any) -> Iterator[Finding]:

@@ -177,7 +177,7 @@ def _worker_params_5_7() -> list[click.Parameter]:
           callback=_check_concurrency,
           help="Number of pool slots; default: number of CPUs; or 'auto'."),
         o(["-P", "--pool"], default="prefork", type=click.Choice(opts.pool_choices()),
-          help="Pool implementation (eventlet and custom run on threads)."),
+          help="Pool implementation (gevent and eventlet need it on the command line)."),
         o(["-E", "--task-events", "--events"], is_flag=True, default=None,
           help="Send task-related events."),
         o(["--time-limit"], type=float, help="Hard time limit (seconds) for tasks."),

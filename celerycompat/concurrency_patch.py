@@ -1,6 +1,6 @@
-"""Monkey patching for ``-P gevent``, done before anything else is imported.
+"""Monkey patching for ``-P gevent`` and ``-P eventlet``, done before anything else is imported.
 
-gevent can only make blocking calls cooperative if the standard library is
+gevent and eventlet can only make blocking calls cooperative if the standard library is
 patched before any module takes a reference to the original ``socket``,
 ``select``, ``threading``, ``ssl``... (kombu, for instance, picks its
 poller when it is imported). ``celery`` does this in ``celery/__main__.py``:
@@ -13,8 +13,8 @@ imported. ccworker does the same at both of its entry points (the
 This module may import nothing but ``os`` and ``sys`` at module level: it
 runs before the patch.
 
-The rules, which differ from Celery's only where Celery would run the
-gevent pool unpatched:
+The rules, which differ from Celery's only where Celery would run a green
+pool unpatched (gevent stands for eventlet too):
 
 * ``-P gevent``, ``--pool gevent``, ``--pool=gevent`` (Celery's rules), and
   also ``-Pgevent`` (click accepts it; Celery's scan does not see it and
@@ -30,8 +30,8 @@ gevent pool unpatched:
   with a warning (`gevent_patched` is false), unless the project patched
   the process itself.
 
-``eventlet`` is not patched: ccworker runs ``-P eventlet`` on the threads
-pool (docs/compat.md), which needs no patching.
+eventlet is patched as Celery patches it: ``eventlet.monkey_patch()``, and
+with ``EVENTLET_NOBLOCK=<seconds>`` eventlet's own blocking detection.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def requested_pool(argv: Sequence[str],
 
 def maybe_patch_concurrency(argv: Optional[Sequence[str]] = None,
                             environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """Patch the process for gevent if that is the pool asked for.
+    """Patch the process for gevent or eventlet if that is the pool asked for.
 
     Returns the name of the pool patched for, or ``None``. Call it before
     importing anything that uses sockets or threads.
@@ -86,13 +86,18 @@ def maybe_patch_concurrency(argv: Optional[Sequence[str]] = None,
     if pool == "gevent":
         _patch_gevent()
         return pool
+    if pool == "eventlet":
+        _patch_eventlet()
+        return pool
     return None
 
 
-#: What ``-P gevent`` prints when gevent is not installed (it is an extra:
-#: only that pool needs it).
+#: What ``-P gevent`` / ``-P eventlet`` print when the library is not
+#: installed (each is an extra: only its pool needs it).
 GEVENT_MISSING = ("ccworker: -P gevent needs the gevent package, which is not installed: "
                   "pip install 'celerycompat[gevent]'")
+EVENTLET_MISSING = ("ccworker: -P eventlet needs the eventlet package, which is not "
+                    "installed: pip install 'celerycompat[eventlet]'")
 
 
 def _patch_gevent() -> None:
@@ -102,6 +107,33 @@ def _patch_gevent() -> None:
         sys.stderr.write(GEVENT_MISSING + "\n")
         raise SystemExit(1) from None
     monkey.patch_all()
+
+
+def _patch_eventlet() -> None:
+    try:
+        import eventlet
+        import eventlet.debug
+    except ImportError:
+        sys.stderr.write(EVENTLET_MISSING + "\n")
+        raise SystemExit(1) from None
+    eventlet.monkey_patch()
+    try:
+        blockdetect = float(os.environ.get("EVENTLET_NOBLOCK", 0))
+    except ValueError:
+        blockdetect = 0.0
+    if blockdetect:
+        eventlet.debug.hub_blocking_detection(blockdetect, blockdetect)
+
+
+def eventlet_patched() -> bool:
+    """True if this process runs with eventlet's patches (ours or the project's)."""
+    patcher = sys.modules.get("eventlet.patcher")
+    return patcher is not None and bool(patcher.is_monkey_patched("socket"))
+
+
+def green_patched(pool: str) -> bool:
+    """True if the process is patched for the green ``pool`` (``gevent``, ``eventlet``)."""
+    return gevent_patched() if pool == "gevent" else eventlet_patched()
 
 
 def gevent_patched() -> bool:

@@ -45,14 +45,15 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from celerycompat.celery_release import setting
-from celerycompat.concurrency_patch import gevent_patched
+from celerycompat.concurrency_patch import green_patched
 from celerycompat.nodenames import expand_nodename, node_format
 from celerycompat.observability.settings import ObservabilitySettings
 
 #: Pools ccworker implements today; anything else runs on FALLBACK_POOL.
-#: ``processes`` is Celery's other name for ``prefork``. ``gevent`` needs the
-#: process monkey-patched first (`celerycompat.concurrency_patch`).
-SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads", "gevent")
+#: ``processes`` is Celery's other name for ``prefork``. The green pools need
+#: the process monkey-patched first (`celerycompat.concurrency_patch`).
+SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads", "gevent", "eventlet")
+GREEN_POOLS = ("gevent", "eventlet")
 FALLBACK_POOL = "threads"
 
 #: ``-P`` values Celery 5.7 knows, in the order ``celery worker --help`` lists.
@@ -197,7 +198,7 @@ class WorkerOptions:
     nodename: str
     """``name@host`` after defaulting and ``%h/%n/%d`` expansion."""
     pool: str
-    """The pool ccworker runs: ``prefork``, ``solo``, ``threads`` or ``gevent``."""
+    """The pool ccworker runs: ``prefork``, ``solo``, ``threads``, ``gevent`` or ``eventlet``."""
     requested_pool: str
     """The pool Celery would have run (alias or ``module:Class``)."""
     concurrency: int
@@ -314,7 +315,7 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
     either = app.either
     requested = str(args.get("pool") or "prefork")
     pool = requested if requested in SUPPORTED_POOLS else FALLBACK_POOL
-    if pool == "gevent" and not gevent_patched():
+    if pool in GREEN_POOLS and not green_patched(pool):
         pool = FALLBACK_POOL  # e.g. worker_pool = "gevent": seen too late to patch
     if pool == "processes":
         pool = "prefork"
@@ -394,9 +395,10 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
     if options.requested_pool not in SUPPORTED_POOLS:
         lines.append(f"ccworker: pool {options.requested_pool!r} is not supported yet; "
                      f"using {options.pool!r} instead")
-    elif options.requested_pool == "gevent" and options.pool != "gevent":
-        lines.append("ccworker: the gevent pool needs -P gevent on the command line "
-                     "(or CELERY_WORKER_POOL=gevent), so the process is monkey-patched "
+    elif options.requested_pool in GREEN_POOLS and options.pool != options.requested_pool:
+        green = options.requested_pool
+        lines.append(f"ccworker: the {green} pool needs -P {green} on the command line "
+                     f"(or CELERY_WORKER_POOL={green}), so the process is monkey-patched "
                      f"before the app is imported; using {options.pool!r} instead")
     if options.autoscale is not None and options.pool == "solo":
         # Celery's solo pool cannot grow either (its autoscaler fails when it tries).

@@ -86,6 +86,11 @@ def make_pool(options: Any, runner: TaskRunner) -> Any:
 
         return GeventPool(runner, concurrency, time_limit=options.time_limit,
                           soft_time_limit=options.soft_time_limit)
+    if options.pool == "eventlet":
+        from celerycompat.pools.eventlet_pool import EventletPool
+
+        return EventletPool(runner, concurrency, time_limit=options.time_limit,
+                            soft_time_limit=options.soft_time_limit)
     return ThreadPool(runner, concurrency, time_limit=options.time_limit,
                       soft_time_limit=options.soft_time_limit)
 
@@ -131,7 +136,7 @@ class Worker:
         runner = TaskRunner(app, RunSettings(
             hostname=self.nodename, loglevel=options.loglevel,
             logfile=getattr(options, "logfile_path", options.logfile)), result_store_for)
-        if options.pool in ("solo", "threads", "gevent"):
+        if options.pool in ("solo", "threads", "gevent", "eventlet"):
             # Tasks run in this process: SUCCESS writes may be grouped
             # (backends/group_commit.py). Prefork children enable it for
             # themselves (pools/child.py).
@@ -294,6 +299,8 @@ class Worker:
             # In a greenlet, not in the event loop, so that worker_shutting_down
             # receivers may do I/O.
             from celerycompat.pools.gevent_pool import install_signal_handler as install
+        elif self.options.pool == "eventlet":
+            from celerycompat.pools.eventlet_pool import install_signal_handler as install
         install(signal.SIGTERM, self._on_sigterm)
         install(signal.SIGINT, self._on_sigint)
         if hasattr(signal, "SIGQUIT"):

@@ -1,90 +1,26 @@
-"""The gevent pool: ``-P gevent -c N`` runs tasks in greenlets of one process.
+"""``-P gevent``: the green pool (green.py) on gevent.
 
-::
-
-    main greenlet (consumer)              task greenlets (a gevent Group; N slots)
-    ------------------------              ------------------------------------
-    apply(name, msg, on_done) ----------> _run: time limits armed (hub timers),
-                                                 TaskRunner.run (results stored here)
-    _done.get(timeout) / broker poll <--- on_done(Outcome)  (a queue put)
-           (both yield to the hub)
-                                          hub timers: soft -> SoftTimeLimitExceeded
-                                          thrown into the greenlet; hard -> greenlet
-                                          killed, then the prefork pool's hard-limit
-                                          outcome recorded
-    watchdog (an OS thread): says which task blocks the loop, and for how long
-
-The process must be monkey-patched before anything is imported
-(`celerycompat.concurrency_patch`, run by both entry points for ``-P
-gevent``). Then the consumer's waits (the broker socket, the ``_done``
-queue, which patching makes gevent's own ``SimpleQueue``) yield to the hub,
-task greenlets run while the consumer waits, and the consumer, remote
-control and events run whenever a task waits: ``inspect ping`` is answered
-while 1000 greenlets sleep.
-
-Time limits, which Celery's gevent pool only half enforces (no soft limit;
-the hard one through ``gevent.Timeout``), are timers on the hub, armed when
-the greenlet starts, with the prefork pool's precedence (message
-``timelimit`` > task attribute, which ``control time_limit`` changes >
-``--time-limit``/``--soft-time-limit``):
-
-* soft: Celery's "Soft time limit (Ns) exceeded for name[id]" warning, then
-  ``SoftTimeLimitExceeded()`` raised in the task where it waits;
-* hard: the greenlet is killed (`TaskKilled`, a ``GreenletExit``), given
-  `HARD_KILL_GRACE` seconds to unwind (its ``finally`` blocks,
-  ``task_postrun``), then the outcome is recorded exactly as the prefork
-  parent records a hard limit (`failures.hard_time_limit`: FAILURE
-  ``TimeLimitExceeded(N)``, ``on_failure``, ``after_return``,
-  ``task_failure``, Celery's "Hard time limit" line). A task that swallows
-  the kill goes on outside the pool (its slot is given back), with a
-  warning, and its own result is never written over that FAILURE (its
-  stores go through `deadlines.guarded_runner`, as the threads pool's do).
-  Once a run starts writing its final result, its limits no longer apply.
-
-Cooperative limits cannot interrupt code that never yields; that code
-blocks every greenlet, which the watchdog (`gevent_watchdog`) reports.
-
-``revoke(terminate=True)`` (`terminate`) kills the task's greenlet as the
-hard limit does (whatever the signal), and reports it as ``State.REVOKED``
-once it has unwound (the consumer stores and announces REVOKED at once, as
-Celery does). Celery's gevent pool kills it too, and then also sends a
-``task-succeeded`` event with a ``None`` result for it; ours does not.
-
-The slot count (``-c``, `limit`) is the consumer's to enforce: the
-greenlets live in an unbounded ``gevent.pool.Group``, so `grow`/`shrink`
-(``pool_grow``, ``pool_shrink``, ``--autoscale``) only change `limit`.
+gevent's side of `GreenRuntime`: task greenlets in an unbounded
+``gevent.pool.Group`` (the consumer counts the slots), time limits as timers
+on the hub's loop, a greenlet killed with ``kill(block=False)`` and joined
+with a timeout, the watchdog's thread and sleep gevent's originals. The
+log lines are those of Celery's gevent pool (``celery.concurrency.gevent``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import sys
-from contextlib import contextmanager
-from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import gevent
-from celery.exceptions import SoftTimeLimitExceeded
+from gevent import monkey
 from gevent.pool import Group
 
-from celerycompat.execution.outcome import Outcome, State
-from celerycompat.pools import failures, procproto
-from celerycompat.pools.base import OnDone
-from celerycompat.pools.deadlines import guarded_runner
-from celerycompat.pools.gevent_watchdog import HubWatchdog, threshold_from_env
-from celerycompat.protocol.message import TaskMessage
+from celerycompat.pools.green import GreenPool
+from celerycompat.pools.hub_watchdog import HubWatchdog
 
 logger = logging.getLogger("celery.concurrency.gevent")
-request_logger = logging.getLogger("celery.worker.request")
-
-#: How long a greenlet killed at its hard limit may take to unwind before
-#: the outcome is recorded without it.
-HARD_KILL_GRACE = 1.0
-#: Cold shutdown: how long killed greenlets may take to unwind.
-COLD_KILL_GRACE = 1.0
-
 
 #: The watchers of `install_signal_handler` (gevent cancels a collected one).
 _signal_watchers: list[Any] = []
@@ -103,304 +39,88 @@ def install_signal_handler(signum: int, handler: Any) -> None:
     _signal_watchers.append(gevent.signal_handler(signum, handler, signum, None))
 
 
-class TaskKilled(gevent.GreenletExit):
-    """Raised in a task greenlet that is being killed (hard limit, cold stop)."""
+class GeventRuntime:
+    """`GreenRuntime` on gevent."""
 
+    pool_name = "celery.concurrency.gevent:TaskPool"
+    logger = logger
 
-@dataclass(eq=False)
-class Job:
-    task_name: str
-    message: TaskMessage
-    on_done: OnDone
-    greenlet: Any = None
-    frame: FrameType | None = None
-    hard: Any = None
-    soft: Any = None
-    timer: Any = None
-    final: bool = False
-    """The run is writing its final result: its limits no longer apply."""
-    handled: bool = False
-    """``on_done`` was called, or will be by whoever set this (hard limit),
-    or must not be (cold stop)."""
-
-
-class GeventPool:
-    name = "celery.concurrency.gevent:TaskPool"
-    runs_inline = False
-    task_join_will_block = False
-
-    def __init__(self, runner: Any, limit: int, *, time_limit: Any = None,
-                 soft_time_limit: Any = None,
-                 blocking_threshold: float | None = None) -> None:
-        self.runner = runner
-        self._runner = guarded_runner(runner, self._before_final_write)
-        """Runs the tasks; `runner` (unguarded) records hard-limit outcomes."""
-        self.limit = max(0, int(limit))
-        self.time_limit = time_limit or None
-        self.soft_time_limit = soft_time_limit or None
-        self.blocking_threshold = blocking_threshold or threshold_from_env()
-        self._pool: Group | None = None
-        self._backends: list[Any] = []
-        """Result backends of finished greenlets, for the next ones (see `_backend_slot`)."""
+    def __init__(self) -> None:
+        self._group: Group | None = None
         self._hub: Any = None
-        self._jobs: dict[int, Job] = {}
-        """Running jobs by ``id(job)``."""
-        self._frames: dict[FrameType, Job] = {}
-        """The bottom frame of each running task greenlet (for the watchdog)."""
-        self._current: dict[Any, Job] = {}
-        """The job each running task greenlet runs."""
-        self.watchdog: HubWatchdog | None = None
-
-    # -- the Pool interface --------------------------------------------------------
 
     def start(self) -> None:
         self._hub = gevent.get_hub()
-        self._pool = Group()
-        self.watchdog = HubWatchdog(self._hub, self.describe, self.blocking_threshold)
-        self.watchdog.start()
+        self._group = Group()
 
-    def apply(self, task_name: str, message: TaskMessage, on_done: OnDone) -> None:
-        assert self._pool is not None, "start() first"
-        job = Job(task_name, message, on_done)
-        self._jobs[id(job)] = job
-        greenlet = gevent.Greenlet(self._run, job)
-        job.greenlet = greenlet
-        # The consumer only applies with a slot free (it counts them), so the
-        # group needs no bound of its own.
-        self._pool.start(greenlet)
+    def spawn_task(self, run: Callable[[Any], None], job: Any) -> Any:
+        assert self._group is not None, "start() first"
+        greenlet = gevent.Greenlet(run, job)
+        self._group.start(greenlet)
+        return greenlet
 
-    def info(self) -> dict:
-        """The ``pool`` section of ``inspect stats``, as Celery's gevent pool reports it."""
-        return {"implementation": self.name, "max-concurrency": self.limit}
+    def spawn(self, function: Callable[..., Any], *args: Any) -> Any:
+        return gevent.spawn(function, *args)
 
-    def pid_for(self, task_id: str) -> int:
-        """Tasks run in this process (Celery reports a greenlet id here, B38 FLAG)."""
-        return os.getpid()
+    def current(self) -> Any:
+        return gevent.getcurrent()
 
-    def terminate(self, task_id: str, signum: int) -> bool:
-        """Kill the greenlet running ``task_id`` (any signal: greenlets have none).
+    def kill(self, handle: Any, exc: Any) -> None:
+        handle.kill(exc, block=False)
 
-        As at the hard limit: killed with `TaskKilled`, given `HARD_KILL_GRACE`
-        to unwind, then reported (``State.REVOKED``); its own result is
-        refused from now on (`_before_final_write`). False once the run is
-        writing its result.
-        """
-        for job in list(self._jobs.values()):
-            if job.message.id != task_id or job.handled or job.final:
-                continue
-            job.handled = True  # the greenlet's own report is void from now on
-            self._disarm(job)
-            job.greenlet.kill(TaskKilled, block=False)
-            gevent.spawn(self._finish_terminated, job)
-            return True
-        return False
+    def dead(self, handle: Any) -> bool:
+        return bool(handle.dead)
 
-    def grow(self, n: int = 1) -> None:
-        """``n`` more slots (``pool_grow``, autoscale)."""
-        self.limit += max(0, int(n))
+    def join(self, handle: Any, timeout: float) -> None:
+        handle.join(timeout)
 
-    def shrink(self, n: int = 1) -> None:
-        """``n`` fewer slots, never below 0 (Celery's goes negative); running
-        greenlets finish, the consumer starts no task beyond the new limit."""
-        self.limit -= min(max(0, int(n)), self.limit)
+    def forget(self, handle: Any) -> None:
+        if self._group is not None:
+            self._group.discard(handle)
 
-    def restart(self) -> None:
-        """Tasks run in this process: nothing to restart (as Celery's gevent pool)."""
-        raise NotImplementedError(f"{type(self)} does not implement restart")
+    def join_all(self) -> None:
+        if self._group is not None:
+            self._group.join()
 
-    def stop(self, wait: bool = True) -> None:
-        pool = self._pool
-        if pool is None:
-            return
-        if wait:
-            pool.join()
-        else:
-            # Cold: nothing more is reported (as the prefork pool); the
-            # consumer has returned the messages.
-            for job in list(self._jobs.values()):
-                job.handled = True
-                self._disarm(job)
-            pool.kill(TaskKilled, block=True, timeout=COLD_KILL_GRACE)
-        if self.watchdog is not None:
-            self.watchdog.stop()
+    def kill_all(self, exc: Any, timeout: float) -> None:
+        if self._group is not None:
+            self._group.kill(exc, block=True, timeout=timeout)
 
-    # -- what runs in a task greenlet ----------------------------------------------
+    def call_later(self, seconds: float, function: Callable[..., Any], *args: Any
+                   ) -> Callable[[], None]:
+        timer = self._hub.loop.timer(seconds)
+        timer.start(function, *args)
 
-    def _run(self, job: Job) -> None:
-        job.frame = sys._getframe()
-        self._frames[job.frame] = job
-        self._current[job.greenlet] = job
-        outcome = Outcome(State.INTERNAL_ERROR)
-        reraise: BaseException | None = None
-        try:
-            with self._backend_slot():
-                outcome = self._run_task(job)
-        except gevent.GreenletExit as exc:
-            if not job.handled:  # not ours: the task (or a library) raised it
-                outcome = self._internal_error(job, exc)
-        except BaseException as exc:
-            outcome = self._internal_error(job, exc)
-            if not isinstance(exc, Exception):
-                reraise = exc  # SystemExit, KeyboardInterrupt: as the solo pool does
-        finally:
-            self._disarm(job)
-            self._frames.pop(job.frame, None)
-            self._current.pop(job.greenlet, None)
-            job.frame = None
-            self._jobs.pop(id(job), None)
-            self._report(job, outcome)
-        if reraise is not None:
-            raise reraise
-
-    def _run_task(self, job: Job) -> Outcome:
-        task = self.runner.app.tasks[job.task_name]
-        job.hard, job.soft = procproto.time_limits(
-            job.message.timelimit, task, self.time_limit, self.soft_time_limit)
-        self._arm(job)
-        return self._runner.run(task, job.message)
-
-    def _before_final_write(self) -> None:
-        """Called in a task greenlet before its run writes SUCCESS/FAILURE/RETRY.
-
-        From here on the run owns its outcome: the limits are disarmed. If
-        the hard limit came first (a task that swallowed the kill and went
-        on), the FAILURE recorded for it stays: the write is refused.
-        """
-        job = self._current.get(gevent.getcurrent())
-        if job is None:
-            return
-        if job.handled:
-            raise TaskKilled()
-        job.final = True
-        self._disarm(job)
-
-    @contextmanager
-    def _backend_slot(self) -> Iterator[None]:
-        """Run with a result backend a finished greenlet left, and leave ours.
-
-        ``app.backend`` lives in a ``threading.local`` (unless
-        ``result_backend_thread_safe`` is set), which patching makes
-        per-*greenlet*: every task would build a backend with a connection
-        pool of its own, connect anew, and the runner would keep a result
-        store for each. Celery's gevent pool builds one per task; ours
-        passes them on, so there are at most as many as tasks ever ran at
-        once, each used by one greenlet at a time (like the threads pool's
-        one per thread), and their connections are reused.
-        """
-        local = getattr(self.runner.app, "_local", None)
-        if local is None:  # not a Celery app we know how to share with
-            yield
-            return
-        if self._backends and getattr(local, "backend", None) is None:
-            local.backend = self._backends.pop()
-        try:
-            yield
-        finally:
-            backend = getattr(local, "backend", None)
-            if backend is not None:
-                self._backends.append(backend)
-
-    @staticmethod
-    def _internal_error(job: Job, exc: BaseException) -> Outcome:
-        message = job.message
-        logger.critical("Task %s[%s] INTERNAL ERROR: %r", message.name, message.id, exc,
-                        exc_info=(type(exc), exc, exc.__traceback__))
-        return Outcome(State.INTERNAL_ERROR, exc, exception_repr=repr(exc))
-
-    def _report(self, job: Job, outcome: Outcome) -> None:
-        if job.handled:
-            return
-        job.handled = True
-        try:
-            job.on_done(outcome)
-        except Exception:
-            logger.critical("on_done callback failed", exc_info=True)
-
-    # -- time limits (hub timers; callbacks run in the hub) ----------------------------
-
-    def _arm(self, job: Job) -> None:
-        if job.soft:
-            self._set_timer(job, float(job.soft), self._on_soft)
-        elif job.hard:
-            self._set_timer(job, float(job.hard), self._on_hard)
-
-    def _set_timer(self, job: Job, seconds: float, callback: Any) -> None:
-        timer = self._hub.loop.timer(max(0.0, seconds))
-        job.timer = timer
-        timer.start(callback, job)
-
-    @staticmethod
-    def _disarm(job: Job) -> None:
-        timer, job.timer = job.timer, None
-        if timer is not None:
+        def cancel() -> None:
             timer.stop()
             timer.close()
 
-    def _on_soft(self, job: Job) -> None:
-        self._disarm(job)
-        greenlet = job.greenlet
-        if job.handled or job.final or greenlet is None or greenlet.dead:
-            return
-        request_logger.warning("Soft time limit (%ss) exceeded for %s[%s]",
-                               job.soft, job.message.name, job.message.id)
-        greenlet.kill(SoftTimeLimitExceeded(), block=False)
-        if job.hard:
-            self._set_timer(job, max(0.0, float(job.hard) - float(job.soft)), self._on_hard)
+        return cancel
 
-    def _on_hard(self, job: Job) -> None:
-        self._disarm(job)
-        greenlet = job.greenlet
-        if job.handled or job.final or greenlet is None or greenlet.dead:
-            return
-        job.handled = True  # the greenlet's own report is void from now on
-        greenlet.kill(TaskKilled, block=False)
-        gevent.spawn(self._record_hard_limit, job)
+    def repeat(self, interval: float, function: Callable[[], None]) -> Callable[[], None]:
+        # ref=False: the timer alone does not keep the loop running.
+        timer = gevent.get_hub().loop.timer(interval, interval, ref=False)
+        timer.start(function)
 
-    def _record_hard_limit(self, job: Job) -> None:
-        """After the killed greenlet unwound: what the prefork parent records."""
-        greenlet = job.greenlet
-        greenlet.join(HARD_KILL_GRACE)
-        message = job.message
-        if not greenlet.dead:
-            logger.warning("Task %s[%s] did not stop when killed at its hard time limit; "
-                           "it goes on outside the pool", message.name, message.id)
-            if self._pool is not None:
-                self._pool.discard(greenlet)
-        try:
-            with self._backend_slot():
-                outcome = failures.hard_time_limit(
-                    self.runner, self.runner.app.tasks[job.task_name], message, job.hard,
-                    handler_line=False)
-        except Exception as exc:
-            logger.critical("Could not record a pool outcome: %r", exc, exc_info=True)
-            outcome = Outcome(State.INTERNAL_ERROR, exc, exception_repr=repr(exc))
-        try:
-            job.on_done(outcome)
-        except Exception:
-            logger.critical("on_done callback failed", exc_info=True)
+        def cancel() -> None:
+            timer.stop()
+            timer.close()
 
-    def _finish_terminated(self, job: Job) -> None:
-        """After a terminated greenlet unwound (or its grace ran out): report it."""
-        greenlet = job.greenlet
-        greenlet.join(HARD_KILL_GRACE)
-        message = job.message
-        if not greenlet.dead:
-            logger.warning("Task %s[%s] did not stop when terminated; it goes on outside "
-                           "the pool", message.name, message.id)
-        if self._pool is not None:
-            self._pool.discard(greenlet)
-        # A greenlet killed before it ran never reaches `_run`'s cleanup.
-        self._jobs.pop(id(job), None)
-        try:
-            job.on_done(Outcome(State.REVOKED))
-        except Exception:
-            logger.critical("on_done callback failed", exc_info=True)
+        return cancel
 
-    # -- the watchdog's question ----------------------------------------------------
+    def watchdog(self, describe: Callable[[FrameType], str | None],
+                 threshold: float) -> HubWatchdog:
+        start_new_thread = monkey.get_original("_thread", "start_new_thread")
+        return HubWatchdog(
+            describe, threshold, repeat=self.repeat,
+            start_thread=lambda function: start_new_thread(function, ()),
+            sleep=monkey.get_original("time", "sleep"),
+            main_ident=monkey.get_original("_thread", "get_ident")(),
+            loop="gevent event loop", logger=logger)
 
-    def describe(self, frame: FrameType) -> str | None:
-        """``Task name[id]`` if ``frame`` is the bottom frame of a task greenlet."""
-        job = self._frames.get(frame)
-        if job is None:
-            return None
-        return f"Task {job.message.name}[{job.message.id}]"
+
+class GeventPool(GreenPool):
+    """``-P gevent``."""
+
+    def __init__(self, runner: Any, limit: int, **options: Any) -> None:
+        super().__init__(GeventRuntime(), runner, limit, **options)

@@ -97,14 +97,12 @@ def test_clean_project_exits_0() -> None:
 
 
 def test_everything_reported_exits_1() -> None:
-    done = ccworker("-A", "checkproj", "check", "-P", "eventlet", "--pool-start-method", "spawn")
+    done = ccworker("-A", "checkproj", "check", "-P", "threads", "--pool-start-method", "spawn")
     assert done.returncode == 1, done.stdout + done.stderr
     out = done.stdout
     for expected in (
-        "UNSUPPORTED  pool      -P eventlet",
         "worker_consumer = 'checkproj:NotUsedConsumer'",
         "NOTE         setting   worker_soft_shutdown_timeout = 10.0",
-        "eventlet_pool_started receivers: checkproj:on_eventlet_started",
         "Request class checkproj:TimeoutAwareRequest (checkproj.custom_request)",
         "Strategy checkproj:custom_strategy (checkproj.custom_strategy_task)",
         "time limits on the threads pool (checkproj.limited)",
@@ -116,6 +114,17 @@ def test_everything_reported_exits_1() -> None:
         assert expected in out, expected
     # Custom bootsteps run as in Celery (project_steps.py): nothing to report.
     assert "bootstep" not in out
+
+
+def test_eventlet_pool_runs_with_limits_enforced() -> None:
+    """``-P eventlet`` is ccworker's eventlet pool: its signals are sent (not a
+    finding), its time limits are enforced where Celery's ignores them."""
+    done = ccworker("-A", "checkproj", "check", "-P", "eventlet")
+    assert "pool: eventlet" in done.stdout, done.stdout + done.stderr
+    assert "DIFFERS      task      time limits on the eventlet pool (checkproj.limited)" \
+        in done.stdout
+    assert "UNSUPPORTED  pool" not in done.stdout
+    assert "eventlet_pool_started" not in done.stdout
 
 
 def test_findings_follow_the_command_line() -> None:

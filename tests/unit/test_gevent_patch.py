@@ -62,7 +62,6 @@ def test_environment_variable_counts_without_a_flag() -> None:
 
 
 def test_other_pools_are_not_patched() -> None:
-    assert maybe_patch_concurrency(["-P", "eventlet"], {}) is None
     assert maybe_patch_concurrency(["-P", "threads"], {}) is None
     assert maybe_patch_concurrency([], {}) is None
     assert not gevent_patched()  # this test process stays unpatched
@@ -168,7 +167,7 @@ def test_patched_process_gets_gevent_queue_and_socket() -> None:
 
 
 def test_watchdog_threshold_from_env() -> None:
-    from celerycompat.pools.gevent_watchdog import DEFAULT_THRESHOLD, threshold_from_env
+    from celerycompat.pools.hub_watchdog import DEFAULT_THRESHOLD, threshold_from_env
 
     assert threshold_from_env({}) == DEFAULT_THRESHOLD
     assert threshold_from_env({"GEVENT_MAX_BLOCKING_TIME": "0.25"}) == 0.25
@@ -176,18 +175,23 @@ def test_watchdog_threshold_from_env() -> None:
     assert threshold_from_env({"GEVENT_MAX_BLOCKING_TIME": "0"}) == DEFAULT_THRESHOLD
 
 
+def watchdog(describe, threshold):
+    """gevent's hub watchdog, not started (the tests call it by hand)."""
+    from celerycompat.pools.gevent_pool import GeventRuntime
+
+    return GeventRuntime().watchdog(describe, threshold)
+
+
 def test_watchdog_reports_each_block_once_with_culprit_and_duration(caplog) -> None:
     """A block is reported once when noticed (naming the task whose frame the
     main thread runs) and once when it ends (with how long it lasted)."""
-    from celerycompat.pools.gevent_watchdog import HubWatchdog
-
     marker = sys._getframe()  # this test stands for the task greenlet
 
     def describe(frame):
         return "Task proj.spin[abc]" if frame is marker else None
 
     # Constructed in this thread, so "the main thread" is this one.
-    dog = HubWatchdog(hub=None, describe=describe, threshold=1.0)
+    dog = watchdog(describe, threshold=1.0)
     caplog.set_level(logging.WARNING, logger="celery.concurrency.gevent")
     dog._beat = 100.0
     dog.check(now=100.5)  # within the threshold: nothing
@@ -207,9 +211,7 @@ def test_watchdog_reports_each_block_once_with_culprit_and_duration(caplog) -> N
 
 
 def test_watchdog_names_code_outside_tasks(caplog) -> None:
-    from celerycompat.pools.gevent_watchdog import HubWatchdog
-
-    dog = HubWatchdog(hub=None, describe=lambda frame: None, threshold=0.5)
+    dog = watchdog(lambda frame: None, threshold=0.5)
     caplog.set_level(logging.WARNING, logger="celery.concurrency.gevent")
     dog._beat = 10.0
     dog.check(now=11.0)
@@ -235,6 +237,36 @@ def test_unpatched_gevent_runs_threads_with_a_warning() -> None:
     assert [line for line in options.unsupported if "gevent" in line] == [
         "ccworker: the gevent pool needs -P gevent on the command line "
         "(or CELERY_WORKER_POOL=gevent), so the process is monkey-patched before the "
+        "app is imported; using 'threads' instead"]
+
+
+def test_patched_process_runs_the_eventlet_pool() -> None:
+    """``-P eventlet`` patches with eventlet (as Celery's ``_patch_eventlet``)."""
+    result = _run("""
+        import json
+        from celerycompat.concurrency_patch import eventlet_patched, maybe_patch_concurrency
+        assert maybe_patch_concurrency(["-P", "eventlet"], {}) == "eventlet"
+        from celery import Celery
+        from celerycompat.options import resolve_worker_options
+        app = Celery("patched", set_as_current=False)
+        options = resolve_worker_options(app, {"hostname": "w@h", "pool": "eventlet"})
+        print(json.dumps({"patched": eventlet_patched(), "pool": options.pool,
+                          "warnings": options.unsupported}))
+    """)
+    assert result == {"patched": True, "pool": "eventlet", "warnings": []}
+
+
+def test_unpatched_eventlet_runs_threads_with_a_warning() -> None:
+    from celery import Celery
+
+    from celerycompat.options import resolve_worker_options
+
+    app = Celery("unpatched", set_as_current=False)
+    options = resolve_worker_options(app, {"hostname": "w@h", "pool": "eventlet"})
+    assert (options.requested_pool, options.pool) == ("eventlet", "threads")
+    assert [line for line in options.unsupported if "eventlet" in line] == [
+        "ccworker: the eventlet pool needs -P eventlet on the command line "
+        "(or CELERY_WORKER_POOL=eventlet), so the process is monkey-patched before the "
         "app is imported; using 'threads' instead"]
 
 

@@ -1,15 +1,15 @@
-"""Notices code that blocks the gevent event loop, and says who and how long.
+"""Notices code that blocks a green pool's event loop, and says who and how long.
 
-Under gevent one thread runs everything: the consumer, remote control,
+Under gevent or eventlet one thread runs everything: the consumer, remote control,
 events and every task greenlet. A task that computes for seconds, or makes
 a blocking call gevent does not patch (a C library doing its own I/O,
 ``time.sleep`` captured before patching), stops all of it: no broker
 heartbeat, no ``inspect`` reply, no other task, and no time limit fires
 (they are timers on that same loop). Nothing in the log says why.
 
-The watchdog is a real OS thread (gevent's original ``start_new_thread``,
-so patching does not turn it into a greenlet) plus a repeating timer on the
-hub that records when the loop last turned. When the loop has not turned
+The watchdog is a real OS thread (the library's original
+``start_new_thread``, so patching does not turn it into a greenlet) plus a
+repeating timer on the hub that records when the loop last turned. When the loop has not turned
 for ``threshold`` seconds, the thread looks at what the main thread is
 executing (``sys._current_frames``), asks the pool which task that frame
 belongs to, and logs a warning naming the task and the code line; when the
@@ -19,7 +19,11 @@ block, however long it lasts.
 gevent's own monitor thread (``GEVENT_MONITOR_THREAD_ENABLE``) can detect
 the same, but it reports only "blocked for more than max_blocking_time",
 prints a dump of every greenlet to stderr (1000 of them with ``-c 1000``)
-and traces every greenlet switch; this costs one timer callback per tick.
+and traces every greenlet switch; eventlet's (``EVENTLET_NOBLOCK``, which
+Celery's eventlet worker turns on) raises in whatever code is running.
+This costs one timer callback per tick. What is library-specific (the real
+thread and sleep, the repeating timer, the names) is the pool runtime's
+(gevent_pool.py, eventlet_pool.py).
 """
 
 from __future__ import annotations
@@ -31,17 +35,9 @@ import time
 from types import FrameType
 from typing import Any, Callable, Optional
 
-from gevent import monkey
-
-logger = logging.getLogger("celery.concurrency.gevent")
-
 #: Seconds the loop may stay blocked before the watchdog says so. gevent's
 #: own setting for its monitor, ``GEVENT_MAX_BLOCKING_TIME``, overrides it.
 DEFAULT_THRESHOLD = 1.0
-
-_start_new_thread = monkey.get_original("_thread", "start_new_thread")
-_get_ident = monkey.get_original("_thread", "get_ident")
-_real_sleep = monkey.get_original("time", "sleep")
 
 #: ``frame -> "Task name[id]"`` or ``None`` if the frame runs no task.
 Describe = Callable[[FrameType], Optional[str]]
@@ -64,11 +60,26 @@ def where(frame: FrameType) -> str:
 
 
 class HubWatchdog:
-    """Start it from the thread that runs the hub (the main thread)."""
+    """Build and start it from the thread that runs the hub (the main thread).
 
-    def __init__(self, hub: Any, describe: Describe, threshold: float) -> None:
-        self.hub = hub
+    ``repeat(interval, function)`` runs ``function`` on the hub every
+    ``interval`` seconds and returns the cancel; ``start_thread(function)``
+    starts a real OS thread and ``sleep`` is the real ``time.sleep``;
+    ``main_ident`` is the real ``get_ident`` of the hub's thread; ``loop``
+    names the loop in the log lines, which go to ``logger``.
+    """
+
+    def __init__(self, describe: Describe, threshold: float, *,
+                 repeat: Callable[[float, Callable[[], None]], Callable[[], None]],
+                 start_thread: Callable[[Callable[[], None]], None],
+                 sleep: Callable[[float], None], main_ident: int,
+                 loop: str, logger: logging.Logger) -> None:
         self.describe = describe
+        self.repeat = repeat
+        self.start_thread = start_thread
+        self.sleep = sleep
+        self.loop = loop
+        self.logger = logger
         self.threshold = float(threshold)
         self.tick = min(0.5, max(0.02, self.threshold / 4))
         self._beat = time.monotonic()
@@ -76,23 +87,21 @@ class HubWatchdog:
         """``(began, ended)`` of the last stall the hub timer measured."""
         self._block: tuple[float, str] | None = None
         """``(began, who)`` of the block being reported."""
-        self._timer: Any = None
-        self._main_ident = _get_ident()
+        self._cancel: Callable[[], None] | None = None
+        self._main_ident = main_ident
         self._running = False
 
     def start(self) -> None:
         self._beat = time.monotonic()
-        self._timer = self.hub.loop.timer(self.tick, self.tick, ref=False)
-        self._timer.start(self.on_tick)
+        self._cancel = self.repeat(self.tick, self.on_tick)
         self._running = True
-        _start_new_thread(self._watch, ())
+        self.start_thread(self._watch)
 
     def stop(self) -> None:
         self._running = False
-        timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.stop()
-            timer.close()
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel()
 
     # -- on the hub ------------------------------------------------------------
 
@@ -107,11 +116,11 @@ class HubWatchdog:
 
     def _watch(self) -> None:
         while self._running:
-            _real_sleep(self.tick)
+            self.sleep(self.tick)
             try:
                 self.check()
             except Exception:  # never let the thread die silently
-                logger.exception("gevent watchdog failed")
+                self.logger.exception("%s watchdog failed", self.loop)
 
     def check(self, now: float | None = None) -> None:
         """One look at the loop (the thread calls it every tick)."""
@@ -125,11 +134,11 @@ class HubWatchdog:
         if blocked and self._block is None:
             who = self._culprit()
             self._block = (began, who)
-            logger.warning(
-                "%s has blocked the gevent event loop for %.2fs: no other task, "
-                "broker I/O, remote control or time limit runs until it yields "
-                "(CPU-bound code or a blocking call gevent does not patch)",
-                who, now - began)
+            self.logger.warning(
+                "%s has blocked the %s for %.2fs: no other task, broker I/O, remote "
+                "control or time limit runs until it yields (CPU-bound code or a "
+                "blocking call %s does not patch)",
+                who, self.loop, now - began, self.loop.split()[0])
 
     def _report_end(self, block: tuple[float, str], last_beat: float) -> None:
         """The loop turned again: how long the block lasted, as the hub timer
@@ -137,7 +146,7 @@ class HubWatchdog:
         began, who = block
         stall = self._stall
         ended = stall[1] if stall is not None and stall[0] == began else last_beat
-        logger.warning("%s blocked the gevent event loop for %.2fs", who, ended - began)
+        self.logger.warning("%s blocked the %s for %.2fs", who, self.loop, ended - began)
 
     def _culprit(self) -> str:
         """What the main thread runs: a task (named) or other code (located)."""
