@@ -19,7 +19,13 @@ from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
 from celerycompat.consumer.broker import ConnectStopped, Delivery, DeliveryCallback
-from celerycompat.consumer.liveness import break_sockets, guarded, kombu_sockets, readable
+from celerycompat.consumer.liveness import (
+    amqp_socket,
+    break_sockets,
+    guarded,
+    kombu_sockets,
+    readable,
+)
 from celerycompat.consumer.redis_lease import LeaseKeeper, redis_lease_for
 
 logger = logging.getLogger("celery.worker.consumer.connection")
@@ -225,33 +231,47 @@ class KombuBroker:
     @guarded("poll", waits=True)
     def poll(self, timeout: float) -> None:
         self._maybe_heartbeat()
+        if not self._drain(timeout):
+            return
+        # py-amqp hands out one frame set per call: read what has already
+        # arrived before the consumer goes round again.
+        sock = self._amqp_socket()
+        for _ in range(AMQP_BURST if sock is not None else 0):
+            if not readable([sock], 0) or not self._drain(0):
+                break
+
+    def _drain(self, timeout: float) -> bool:
+        """One ``drain_events``; False if nothing came in time or a message was lost.
+
+        A message kombu could not even build from what the transport handed
+        it (a Redis envelope that is not JSON, headers that are not a
+        mapping, broken base64) is already off the queue, so it is gone, as
+        Celery's undecodable messages are (A27): one critical line. What must
+        not happen is the worker dying and, restarted, dying again on the
+        next poison message. Connection errors propagate.
+        """
         try:
             self.connection.drain_events(timeout=timeout)
-            # py-amqp hands out one frame set per call: read what has
-            # already arrived before the consumer goes round again.
-            sock = self._amqp_socket()
-            for _ in range(AMQP_BURST if sock is not None else 0):
-                if not readable([sock], 0):
-                    break
-                self.connection.drain_events(timeout=0)
         except socket.timeout:
-            pass
+            return False
         except self.connection_errors:
             raise
         except Exception as exc:
-            # kombu could not even build a message from what the transport
-            # handed it (a Redis envelope that is not JSON, headers that are
-            # not a mapping, broken base64): the raw message is already off
-            # the queue, so it is gone, as Celery's undecodable messages are
-            # (A27). What must not happen is the worker dying and, restarted,
-            # dying again on the next poison message.
             logger.critical("Received and deleted a message the transport could not "
                             "decode: %r", exc, exc_info=True)
+            return False
+        return True
 
     def _amqp_socket(self) -> Any:
+        """The socket of a live py-amqp connection, else None.
+
+        Read from the socket transport (``_transport``): py-amqp's ``sock``
+        and ``transport`` properties, on a connection it has collected (the
+        broker closed it), warn (``AMQPDeprecationWarning``) and connect.
+        """
         if self.connection.transport.driver_type != "amqp":
             return None
-        return getattr(self.connection.connection, "sock", None)
+        return amqp_socket(self.connection)
 
     def _maybe_heartbeat(self) -> None:
         """AMQP heartbeats, ``broker_heartbeat_checkrate`` times per interval.

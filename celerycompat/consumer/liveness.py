@@ -167,10 +167,7 @@ def kombu_sockets(connection: Any) -> list[socket.socket]:
         return []
     socks: list[Any] = []
     transport = getattr(connection, "_connection", None)
-    # py-amqp: one socket per connection, read from its socket transport
-    # (``_transport``): ``Connection.sock`` goes through ``.transport``, which
-    # on a collected connection warns (AMQPDeprecationWarning) and connects.
-    sock = getattr(getattr(transport, "_transport", None), "sock", None)
+    sock = amqp_socket(connection)
     if sock is not None:
         socks.append(sock)
     # Virtual transports (Redis): the transport object holds the channels.
@@ -185,6 +182,18 @@ def kombu_sockets(connection: Any) -> list[socket.socket]:
         subclient = getattr(channel, "_subclient", None)
         socks.append(getattr(getattr(subclient, "connection", None), "_sock", None))
     return _unique(socks)
+
+
+def amqp_socket(connection: Any) -> Any:
+    """A kombu ``Connection``'s py-amqp socket, or None (another transport, closed).
+
+    py-amqp has one socket per connection, read here from its socket
+    transport (``_transport``): ``Connection.sock`` goes through
+    ``.transport``, which on a collected connection warns
+    (``AMQPDeprecationWarning``) and connects again.
+    """
+    transport = getattr(connection, "_connection", None)
+    return getattr(getattr(transport, "_transport", None), "sock", None)
 
 
 def redis_pool_sockets(pool: Any) -> list[Any]:

@@ -54,7 +54,8 @@ class RedisWaiting:
     What it uses of the broker: ``connection`` and ``connection_errors``
     (kombu's), ``_client`` (our redis-py client), ``_channel`` and
     ``_prefix`` (kombu's key layout), ``_queues`` and ``_consuming``,
-    ``_keys`` / ``_room`` / ``_fetch_batch`` to lease what arrived, and the
+    ``_keys`` / ``_room`` / ``_fetch_batch`` to lease what arrived, ``_drain``
+    (kombu's ``drain_events``, for the pidbox and any other kombu consumer), the
     waiting state made in its ``__init__`` (``_blocking``, ``_blocking_id``,
     ``_brpop_sent_at``, ``_brpop_deadline``, ``_brpop_keys``,
     ``_fractional_timeout``, ``_rotate_wait``, ``_waiters``, ``_waiting``,
@@ -92,6 +93,9 @@ class RedisWaiting:
         def _drop_blocking(self) -> None:
             ...
 
+        def _drain(self, timeout: float) -> bool:
+            ...
+
     def _send_brpop(self, timeout: float) -> None:
         if self._blocking is None:
             self._blocking = self._client.connection_pool.get_connection()
@@ -115,7 +119,7 @@ class RedisWaiting:
         now = time.monotonic()
         if timeout > 0 or now >= self._next_kombu_poll:
             self._next_kombu_poll = now + KOMBU_POLL_INTERVAL
-            self._drain_kombu()
+            self._drain(0)
         if self._brpop_sent_at is None:
             if self._waiting and self._read_buffered_waiters():
                 return
@@ -130,7 +134,7 @@ class RedisWaiting:
                 if sock in waiters:
                     self._read_waiter(waiters[sock])
             if any(sock not in waiters for sock in ready):
-                self._drain_kombu()
+                self._drain(0)
             self._check_waiters()
             return
         # The BRPOP's reply comes within its server-side timeout; the
@@ -149,7 +153,7 @@ class RedisWaiting:
                                       "presumed dead")
             ready = readable([*self._kombu_sockets(), brpop_sock], remaining)
             if any(sock is not brpop_sock for sock in ready):
-                self._drain_kombu()
+                self._drain(0)
             if brpop_sock in ready:
                 return self._read_brpop()
 
@@ -258,17 +262,6 @@ class RedisWaiting:
         except Exception:
             logger.critical("Lost a message popped from %s: the connection failed before "
                             "it was leased: %.200r", key, raw, exc_info=True)
-
-    def _drain_kombu(self) -> None:
-        try:
-            self.connection.drain_events(timeout=0)
-        except TimeoutError:
-            pass
-        except self.connection_errors:
-            raise
-        except Exception as exc:
-            logger.critical("Received and deleted a message the transport could not "
-                            "decode: %r", exc, exc_info=True)
 
     def _kombu_sockets(self) -> list[Any]:
         cycle = getattr(self.connection.transport, "cycle", None)

@@ -2,7 +2,7 @@
 
 Celery's worker broadcasts ``hello`` and blocks consumption for the reply
 timeout (1 s). Here the request runs on a thread of its own (with its own
-connection, through the app's ``control.inspect``) while the consumer
+connection, which it publishes and collects on) while the consumer
 already serves its mailbox and receives messages; only *starting* tasks
 waits until the replies are merged, so a task revoked on a peer is still
 never run here.
@@ -54,14 +54,32 @@ class Mingle:
                     # broadcast too (``{us: None}``, dropped below), and that
                     # reply must not use up the count the wait ends at.
                     limit = None if peers is None else peers + answering_self
-                    replies = self.app.control.inspect(
-                        timeout=self.timeout, limit=limit, connection=connection,
-                    ).hello(self.hostname, ours) or {}
+                    replies = self._hello(connection, ours, limit)
         except Exception as exc:
             logger.warning("mingle: could not reach the other workers: %r", exc)
             replies = {}
         replies.pop(self.hostname, None)
         self._replies = replies
+
+    def _hello(self, connection: Any, ours: list[str], limit: int | None) -> dict:
+        """Celery's ``inspect().hello(...)``, every byte of it on ``connection``.
+
+        ``inspect`` would publish the request through the app's producer
+        pool whatever connection it is given (kombu's mailbox uses the pool
+        when it has one), and after a RabbitMQ restart the pool's connection
+        is the one the broker closed: the request failed with its
+        ``ConnectionForced``. The mailbox bound here has no pool, so it
+        publishes on this connection's channel; the command, arguments and
+        reply handling are Celery's (``Control.broadcast``, ``flatten_reply``).
+        """
+        from celery.app.control import flatten_reply
+
+        mailbox = self.app.control.mailbox(connection)
+        mailbox._producer_pool = None  # the bound copy only; see the docstring
+        replies = mailbox._broadcast(
+            "hello", {"from_node": self.hostname, "revoked": ours}, None, True,
+            self.timeout, limit, None)
+        return flatten_reply(replies) if replies else {}
 
     def _peer_count(self, connection: Any) -> tuple[int | None, int]:
         """How many other nodes listen on the pidbox exchange (None if unknown),

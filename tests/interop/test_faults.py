@@ -872,6 +872,45 @@ def test_rabbitmq_restarts(kind, own_rabbit, interop_log_dir):
         assert ctx["worker"].stop() == 0
 
 
+class MingleSpec(FaultSpec):
+    """The fault flags with mingle on (the harness turns it off elsewhere)."""
+
+    def flags(self, nodename: str) -> list[str]:
+        return [f for f in super().flags(nodename) if f != "--without-mingle"]
+
+
+def test_mingle_after_rabbitmq_restarts(own_rabbit, interop_log_dir):
+    """ccworker only: after each RabbitMQ restart mingle's ``hello`` goes out on
+    a new connection, and nothing warns. Under the fault streams' load it
+    used to go through the app's producer pool, whose connection the
+    restarted node had closed (``mingle: could not reach the other workers:
+    ConnectionForced`` after every second reconnection), and the first
+    reconnection logged py-amqp's ``AMQPDeprecationWarning`` about
+    ``.transport`` (issue 19). This idle worker does not reproduce the pool
+    failure (tests/unit/test_mingle.py shows that mechanism); it holds the
+    behaviour after the fix: every reconnection mingles, quietly."""
+    broker = harness.BrokerEnv("amqp", own_rabbit.url)
+    spec = MingleSpec(project=PROJECT, pool="threads", concurrency=2)
+    worker = harness.WorkerProcess("ccworker", spec, broker, interop_log_dir).start()
+    def mingled() -> int:  # mingles that ended, either way
+        log = worker.log()
+        return log.count("mingle: all alone") + log.count("mingle: could not reach")
+
+    try:
+        worker.wait_ready()  # mingle goes on after ``ready.``: wait for its end
+        assert harness.wait_until(lambda: mingled() == 1, 30), worker.log_tail()
+        for i in range(3):
+            ended = mingled()
+            own_rabbit.kill() if i % 2 == 0 else own_rabbit.stop()
+            own_rabbit.start()
+            assert harness.wait_until(lambda n=ended: mingled() > n, 60), worker.log_tail()
+        log = worker.log()
+        assert log.count("mingle: searching for neighbors") == 4, worker.log_tail()
+        assert "could not reach" not in log and "Deprecation" not in log, worker.log_tail()
+    finally:
+        assert worker.stop() == 0
+
+
 # --------------------------------------------------------------------------
 # (c) the worker killed with SIGKILL and restarted
 # --------------------------------------------------------------------------

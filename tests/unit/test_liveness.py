@@ -199,3 +199,26 @@ def test_sockets_of_a_collected_amqp_connection_are_read_without_reconnecting():
         idle._transport = None
         left.close()
         right.close()
+
+
+def test_the_amqp_socket_of_a_closed_connection_is_none_and_nothing_connects():
+    """After the broker closed it, py-amqp has collected the connection
+    (``_transport`` is None): reading its socket must neither warn
+    (``AMQPDeprecationWarning`` about ``.transport``) nor connect again,
+    which ``Connection.sock`` and kombu's ``Connection.connection`` both do."""
+    import warnings
+
+    from amqp import Connection as AmqpConnection
+    from kombu import Connection
+
+    from celerycompat.consumer.kombu_broker import KombuBroker
+
+    conn = Connection("amqp://guest:guest@127.0.0.1:1//", connect_timeout=0.1)
+    collected = AmqpConnection(host="127.0.0.1:1")  # no transport: as after collect()
+    conn._connection = collected
+    broker = KombuBroker(conn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert broker._amqp_socket() is None
+        assert liveness.kombu_sockets(conn) == []
+    assert conn._connection is collected
