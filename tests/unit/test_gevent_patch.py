@@ -126,12 +126,14 @@ def test_entry_point_leaves_other_pools_alone() -> None:
     assert result["seen"]["celerycompat.cli"] is False
 
 
-def test_gevent_missing_is_one_line_saying_what_to_install() -> None:
-    """gevent is an extra: ``-P gevent`` without it exits 1 with one line."""
-    code = """
+@pytest.mark.parametrize("library", ["gevent", "eventlet"])
+def test_missing_green_library_is_one_line_saying_what_to_install(library) -> None:
+    """gevent and eventlet are extras: ``-P <library>`` without it exits 1
+    with one line."""
+    code = f"""
         import sys
-        sys.modules["gevent"] = None  # as if not installed: its import fails
-        sys.argv = ["ccworker", "-A", "proj", "-P", "gevent"]
+        sys.modules["{library}"] = None  # as if not installed: its import fails
+        sys.argv = ["ccworker", "-A", "proj", "-P", "{library}"]
         from celerycompat.__main__ import main
         main()
     """
@@ -139,8 +141,8 @@ def test_gevent_missing_is_one_line_saying_what_to_install() -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "ccworker: -P gevent needs the gevent package, which is not installed: "
-        "pip install 'celerycompat[gevent]'"]
+        f"ccworker: -P {library} needs the {library} package, which is not installed: "
+        f"pip install 'celerycompat[{library}]'"]
 
 
 def test_patched_process_gets_gevent_queue_and_socket() -> None:
