@@ -63,6 +63,10 @@ TESTS = (
     "tests/interop/test_task_semantics.py",
     "tests/interop/test_events.py",
     "tests/interop/test_control.py",
+    # The project's own bootsteps, ordered by each release's Blueprint graph
+    # (issue 15): one pool per broker.
+    "tests/interop/test_bootsteps.py::test_project_steps_run_as_in_celery[redis-prefork]",
+    "tests/interop/test_bootsteps.py::test_project_steps_run_as_in_celery[amqp-threads]",
 )
 
 #: Scenarios a release's own *client* cannot run, so there is no behaviour of
