@@ -22,6 +22,7 @@ points of ccworker's life that match Celery's:
   and before ``worker_ready`` (`StepRunner.connected`); stopped when the
   connection is lost (Celery's ``blueprint.restart``) and at shutdown;
   ``shutdown`` once at the very end, after the pool stopped;
+* ``inspect stats`` shows what the steps' ``info`` returns, as Celery's;
 * a step that raises while being built or started stops the worker with
   Celery's ``Unrecoverable error: ...`` line and exit code 1; while stopping,
   Celery's ``Error on stopping ...`` line, and the next step is stopped.
@@ -297,6 +298,15 @@ class StepRunner:
         ``shutdown``."""
         self.timer.stop()
         self.consumer.blueprint.shutdown(self.consumer)
+
+    # -- inspect stats -------------------------------------------------------------
+
+    def worker_info(self) -> dict:
+        """What the worker's steps' ``info`` returns, merged (Celery's ``stats``)."""
+        return self.worker.blueprint.info(self.worker)
+
+    def consumer_info(self) -> dict:
+        return self.consumer.blueprint.info(self.consumer)
 
     # -- the consumer's steps (observer hooks) -----------------------------------
 

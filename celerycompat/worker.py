@@ -190,6 +190,7 @@ class Worker:
         except StepFailed as exc:
             raise SystemExit(EX_FAILURE) from exc
         self.consumer.observe(self.steps)
+        self.consumer.project_steps = self.steps
         # -B: Celery's beat in a child process, after the pool and before the
         # consumer (the Beat bootstep's place) and our signal handlers (beat.py).
         self.beat = start_embedded_beat(options)

@@ -130,6 +130,9 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         #: ``--autoscale`` (consumer/autoscale.py): set by the worker through
         #: `observe`, ticked every loop turn.
         self.autoscaler: Any = None
+        #: The project's own bootsteps (project_steps.py), set by the worker:
+        #: ``inspect stats`` shows what their ``info`` returns.
+        self.project_steps: Any = None
         #: What the optional parts hear of each task and turn (consumer/observers.py):
         #: the task events (with a dispatcher) and ``--metrics-port``'s metrics
         #: (observability/worker_metrics.py), then what the worker adds.

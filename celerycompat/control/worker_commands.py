@@ -36,6 +36,7 @@ def stats(state: ControlState, **kwargs: Any) -> dict[str, Any]:
     """Celery's ``stats`` layout (F10), with our pool's facts."""
     consumer = state.consumer
     autoscaler = consumer.autoscaler
+    steps = consumer.project_steps
     return {
         "total": dict(consumer.total_count),
         "pid": os.getpid(),
@@ -44,8 +45,12 @@ def stats(state: ControlState, **kwargs: Any) -> dict[str, Any]:
         "pool": _pool_info(consumer.pool),
         # Only with --autoscale, after ``pool`` (Celery's Autoscaler step).
         **({"autoscaler": autoscaler.info()} if autoscaler is not None else {}),
+        # What the project's worker steps' ``info`` returns (Celery merges
+        # each blueprint's step infos in), then its consumer steps' below.
+        **(steps.worker_info() if steps is not None else {}),
         "broker": consumer.broker_info(),
         "prefetch_count": consumer.prefetch_count,
+        **(steps.consumer_info() if steps is not None else {}),
         "rusage": rusage(),
     }
 

@@ -61,6 +61,17 @@ def add(worker: harness.WorkerProcess, x: int, y: int) -> object:
                              queue=worker.queue).get(timeout=30)
 
 
+def steps_stats(worker: harness.WorkerProcess) -> dict:
+    """What ``inspect stats`` shows of the steps' ``info`` (names made equal)."""
+    with harness.client_app(PROJECT, worker.env) as app:
+        replies = app.control.inspect(timeout=5, destination=[worker.nodename]).stats() or {}
+    stats = next(iter(replies.values()), {})
+    shown = {key: stats.get(key) for key in ("liveness", "lifecycle")}
+    if shown["liveness"]:
+        shown["liveness"]["file"] = shown["liveness"]["file"].split("-", 1)[-1]
+    return shown
+
+
 def fresh(path: Path, within: float = 3.0) -> bool:
     return path.exists() and time.time() - path.stat().st_mtime < within
 
@@ -82,6 +93,7 @@ def observe(kind: str, pool: str, broker: harness.BrokerEnv, log_dir, tmp: Path)
         seen["plain message consumed"] = harness.wait_until(
             lambda: external_bodies(worker) == [{"n": 1}], 20)
         seen["task result"] = add(worker, 2, 3)
+        seen["stats of the steps"] = steps_stats(worker)
         if broker.name == "redis":
             seen["connections cut"] = harness.kill_redis_connections(worker.pid) > 0
             harness.wait_until(
@@ -107,6 +119,9 @@ def test_project_steps_run_as_in_celery(pool, broker, interop_log_dir, tmp_path)
     reference = observed.get("celery", next(iter(observed.values())))
     assert reference["liveness file fresh"] and reference["liveness file removed"]
     assert reference["plain message consumed"] and reference["task result"] == 5
+    assert reference["stats of the steps"] == {
+        "liveness": {"file": f"{broker.name}-{pool}.heartbeat"},
+        "lifecycle": {"connected": True}}
     for seen in observed.values():
         assert seen == reference
 

@@ -61,6 +61,9 @@ class LivenessProbe(bootsteps.StartStopStep):
     def touch(self, worker):
         self.path.touch()
 
+    def info(self, worker):
+        return {"liveness": {"file": self.path.name}}
+
     def stop(self, worker):
         record("liveness.stop")
         if self.tref is not None:
@@ -95,6 +98,9 @@ class Lifecycle(bootsteps.StartStopStep):
                queues=[q.name == os.environ.get("CC_TEST_QUEUE", "celery")
                        for q in c.task_consumer.queues],
                controller=c.controller.hostname == c.hostname)
+
+    def info(self, c):
+        return {"lifecycle": {"connected": c.connection is not None}}
 
     def stop(self, c):
         record("lifecycle.stop")
