@@ -260,15 +260,17 @@ class StepRunner:
 
     @staticmethod
     def _step_options(options: Any) -> dict:
-        """The keyword arguments a step's ``__init__`` gets: the worker's options,
-        as ``celery worker`` passes them, and the project's own (``user_options``)."""
+        """The keyword arguments a step's ``__init__`` gets: worker options, as
+        ``celery worker`` passes them on, and the project's own (``user_options``).
+
+        Celery's ``WorkController`` keeps ``hostname``, the queues, ``include``
+        and ``pidfile`` for itself, so its steps never see those.
+        """
         return {
             "concurrency": options.concurrency,
             "loglevel": options.loglevel,
             "logfile": options.logfile,
             "pool_cls": options.pool,
-            "queues": options.queues,
-            "hostname": options.nodename,
             **dict(getattr(options, "user_options", {}) or {}),
         }
 
