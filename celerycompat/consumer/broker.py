@@ -54,6 +54,17 @@ class Broker(Protocol):
     url_for_log: str
     """The broker URL with its password masked, for the startup log line."""
 
+    connection: Any
+    """The kombu ``Connection``: what the pidbox, gossip and ``inspect stats``
+    (its ``info()``) use beside the task messages."""
+
+    connection_errors: tuple[type[BaseException], ...]
+    """What this transport raises when its connection is lost."""
+
+    driver_type: str
+    """kombu's name of the transport (``amqp``, ``redis``, ...): which of
+    Celery's optional parts (gossip, mingle) it supports."""
+
     def connect(self, retry: bool = True, max_retries: int | None = None,
                 should_stop: Callable[[], bool] | None = None) -> None:
         """Open the connection: once, or retrying with backoff up to ``max_retries``
@@ -110,6 +121,11 @@ class Broker(Protocol):
         """The connection is lost: release it without talking to the broker.
 
         Returns what it still owed the broker (acks, held messages) when a
-        new connection can settle that (an adapter with ``adopt(owed,
-        running_deliveries) -> kept delivery tags``), else None.
+        new connection can settle that (`adopt`), else None.
         """
+
+    def adopt(self, owed: Any, running: Sequence[Delivery]) -> set:
+        """Settle on this connection what a lost one owed (``abandon``'s
+        return, never None); ``running`` are the deliveries of tasks still
+        running. Returns the delivery tags now held here (their tasks' acks
+        go through this connection)."""

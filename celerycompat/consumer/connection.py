@@ -134,7 +134,7 @@ class ConnectionLifecycle:
                 "establish" if first else "re-establish", setting)
             raise _GaveUp() from exc
         logger.info("Connected to %s", broker.url_for_log)
-        errors = tuple(getattr(broker, "connection_errors", ())) or (OSError,)
+        errors = tuple(broker.connection_errors) or (OSError,)
         try:
             if self.purge:
                 count = broker.purge(self.queues)
@@ -157,11 +157,9 @@ class ConnectionLifecycle:
             raise _SetupLost(exc) from exc
         if self.control is not None:
             self.control.start(broker.connection)
-        if self.gossip is not None and broker.connection.transport.driver_type in \
-                GOSSIP_TRANSPORTS:
+        if self.gossip is not None and broker.driver_type in GOSSIP_TRANSPORTS:
             self.gossip.start(broker.connection)
-        if self.mingle is not None and broker.connection.transport.driver_type in \
-                COMPATIBLE_TRANSPORTS:
+        if self.mingle is not None and broker.driver_type in COMPATIBLE_TRANSPORTS:
             self.mingle.begin()
 
     def _establish(self, first: bool, owed: Any = None) -> bool:
@@ -204,13 +202,12 @@ class ConnectionLifecycle:
         the connection (reserved, ETA, rate-limited) go back to their queue
         at once instead of after ``visibility_timeout``.
         """
-        adopt = getattr(self.broker, "adopt", None)
-        if owed is None or adopt is None:
+        if owed is None or self.broker is None:
             return
         running = [request for request in self.active.values()
                    if not request.acked or request.ack_pending]
         try:
-            kept = adopt(owed, [request.delivery for request in running])
+            kept = self.broker.adopt(owed, [request.delivery for request in running])
         except self._connection_errors():
             logger.warning("Could not settle what the lost connection owed; those "
                            "messages come back after visibility_timeout", exc_info=True)
@@ -225,7 +222,7 @@ class ConnectionLifecycle:
         self.should_stop = True
 
     def _connection_errors(self) -> tuple[type[BaseException], ...]:
-        errors = getattr(self.broker, "connection_errors", ())
+        errors = self.broker.connection_errors if self.broker is not None else ()
         return tuple(errors) or (OSError,)
 
     def _on_connection_lost(self, exc: BaseException) -> None:

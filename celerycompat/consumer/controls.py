@@ -189,9 +189,8 @@ class ConsumerControls:
 
     def broker_info(self) -> dict[str, Any]:
         """The ``broker`` section of ``inspect stats``: kombu's info, never the password."""
-        connection = getattr(self.broker, "connection", None)
-        if connection is None:
+        if self.broker is None:
             return {}
-        info = dict(connection.info())
+        info = dict(self.broker.connection.info())
         info.pop("password", None)
         return info

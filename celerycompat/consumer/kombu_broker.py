@@ -70,6 +70,9 @@ class KombuBroker:
         self.connection_errors: tuple[type[BaseException], ...] = tuple(
             connection.connection_errors
         ) + tuple(connection.channel_errors)
+        #: kombu's transport name (``amqp``, ``redis``...); builds the
+        #: transport object, never a connection.
+        self.driver_type: str = connection.transport.driver_type
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -217,7 +220,7 @@ class KombuBroker:
 
     def _default_qos_global(self) -> bool:
         """Celery's rule: per-channel QoS on RabbitMQ >= 3.3 (AMQP only)."""
-        if self.connection.transport.driver_type != "amqp":
+        if self.driver_type != "amqp":
             return False
         try:
             props = self.connection.connection.server_properties
@@ -269,7 +272,7 @@ class KombuBroker:
         and ``transport`` properties, on a connection it has collected (the
         broker closed it), warn (``AMQPDeprecationWarning``) and connect.
         """
-        if self.connection.transport.driver_type != "amqp":
+        if self.driver_type != "amqp":
             return None
         return amqp_socket(self.connection)
 
@@ -377,6 +380,10 @@ class KombuBroker:
         except Exception:
             logger.debug("error while collecting the lost connection", exc_info=True)
         return None
+
+    def adopt(self, owed: Any, running: Sequence[Delivery]) -> set:
+        """Nothing is ever owed here (`abandon` returns None): nothing is kept."""
+        return set()
 
     @guarded("close")
     def close(self) -> None:
