@@ -1,0 +1,154 @@
+"""The consumer's rules over an in-memory broker (tests/unit/memory_broker.py).
+
+Prefetch, ETA holds, revokes, the settling order of ``acks_late`` and the
+warm shutdown, each in well under a second: the broker is a `Broker` in
+memory, the pool a real threads pool, results in Celery's in-memory cache
+backend. What crosses the wire is the interop suite's (against
+``celery worker`` on real brokers); these pin the consumer's own logic.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from celery import Celery
+from memory_broker import MemoryBroker
+
+from celerycompat.backends import result_store_for
+from celerycompat.consumer.consumer import Consumer
+from celerycompat.consumer.decoder import make_decoder
+from celerycompat.execution.runner import RunSettings, TaskRunner
+from celerycompat.pools.threads import ThreadPool
+
+
+@pytest.fixture
+def app():
+    app = Celery(f"t{uuid.uuid4().hex[:6]}", broker="memory://", backend="cache+memory://",
+                 set_as_current=False)
+    app.gate = threading.Event()
+    app.ran = []
+
+    @app.task(name="t.gated", shared=False)
+    def gated(n):
+        app.gate.wait(10)
+        app.ran.append(n)
+        return n
+
+    @app.task(name="t.late", shared=False, acks_late=True)
+    def late(n):
+        app.ran.append(n)
+        return n
+
+    app.finalize()
+    return app
+
+
+@pytest.fixture
+def run(app):
+    """``run(slots=1, multiplier=1)``: a consumer on a fresh MemoryBroker, its thread running."""
+    started = []
+
+    def start(slots: int = 1, multiplier: int = 1):
+        broker = MemoryBroker()
+        runner = TaskRunner(app, RunSettings(hostname="t@h"), result_store_for)
+        pool = ThreadPool(runner, slots)
+        pool.start()
+        consumer = Consumer(
+            app=app, broker_factory=lambda: broker, pool=pool,
+            store=result_store_for(app), queues=["celery"],
+            decode=make_decoder(app.conf.accept_content), hostname="t@h",
+            prefetch_multiplier=multiplier)
+        thread = threading.Thread(target=consumer.run, daemon=True)
+        thread.start()
+        started.append((consumer, pool, thread))
+        return broker, consumer, thread
+
+    yield start
+    app.gate.set()
+    for consumer, pool, thread in started:
+        consumer.should_stop = True
+        thread.join(5)
+        pool.stop()
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def test_prefetch_holds_slots_times_multiplier_besides_the_running_task(app, run):
+    """B34: one slot, multiplier 2: the running task (acked at its start) and
+    two reserved messages; the other two stay in the queue."""
+    broker, consumer, _ = run(slots=1, multiplier=2)
+    ids = [broker.publish(app, "t.gated", (n,)) for n in range(5)]
+    assert wait_for(lambda: len(consumer.active) == 1 and len(consumer.reserved) == 2)
+    time.sleep(0.05)  # nothing more comes
+    assert broker.waiting() == 2 and len(broker.unacked) == 2
+    assert broker.settled(ids[0]) == ["ack"]  # early ack: at the start
+    app.gate.set()
+    assert wait_for(lambda: app.ran == [0, 1, 2, 3, 4])
+
+
+def test_an_eta_task_is_held_unacked_and_raises_the_prefetch_count(app, run):
+    """B12: a countdown task waits in the worker, un-acked, with one more
+    prefetch slot for it; it runs when due."""
+    broker, consumer, _ = run(slots=1, multiplier=1)
+    app.gate.set()
+    held = broker.publish(app, "t.gated", ("eta",), countdown=0.3)
+    assert wait_for(lambda: consumer.prefetch_count == 2)
+    now = broker.publish(app, "t.gated", ("now",))
+    assert wait_for(lambda: app.ran == ["now"])
+    assert broker.settled(held) == [] and held not in app.ran
+    assert wait_for(lambda: app.ran == ["now", "eta"])
+    assert broker.settled(now) == ["ack"] and broker.settled(held) == ["ack"]
+
+
+def test_a_revoked_task_is_acked_not_run_and_stored_revoked(app, run):
+    broker, consumer, _ = run()
+    task_id = str(uuid.uuid4())
+    consumer.revoked.add(task_id)
+    broker.publish(app, "t.gated", (1,), task_id=task_id)
+    assert wait_for(lambda: broker.settled(task_id) == ["ack"])
+    assert app.ran == []
+    assert app.AsyncResult(task_id).state == "REVOKED"
+
+
+def test_acks_late_is_acked_after_its_result_is_stored(app, run):
+    broker, consumer, _ = run()
+    seen_at_ack = []
+    ack = broker.ack
+
+    def ack_seeing_the_result(delivery):
+        seen_at_ack.append(app.AsyncResult(delivery.headers["id"]).state)
+        ack(delivery)
+
+    broker.ack = ack_seeing_the_result
+    task_id = broker.publish(app, "t.late", (7,))
+    assert wait_for(lambda: broker.settled(task_id) == ["ack"])
+    assert seen_at_ack == ["SUCCESS"] and app.ran == [7]
+
+
+def test_warm_shutdown_returns_reserved_messages_and_finishes_the_running_one(app, run):
+    """G9: deliveries stop, the reserved message goes back to the queue at
+    once, the running task finishes and is settled."""
+    broker, consumer, thread = run(slots=1, multiplier=1)
+    running = broker.publish(app, "t.gated", ("running",))
+    reserved = broker.publish(app, "t.gated", ("reserved",))
+    assert wait_for(lambda: len(consumer.active) == 1 and len(consumer.reserved) == 1)
+    # What Worker.shutdown does once the loop has stopped.
+    consumer.should_stop = True
+    thread.join(5)
+    consumer.stop_consuming()
+    assert broker.settled(reserved) == ["requeue"] and broker.waiting() == 1
+    app.gate.set()
+    deadline = time.monotonic() + 5
+    while consumer.has_work() and time.monotonic() < deadline:
+        consumer.drain(0.05)
+    assert app.ran == ["running"] and broker.settled(running) == ["ack"]
