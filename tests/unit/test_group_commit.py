@@ -235,3 +235,32 @@ def test_a_child_forked_while_a_thread_holds_a_lock_does_not_hang(lock_name, in_
     status = _fork_while_held(lock_name, in_child)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, \
         f"the child hung or failed (status {status:#x})"
+
+
+def test_a_child_forked_while_another_thread_holds_the_locks_can_take_them():
+    """Issue 16: the prefork supervisor forks replacement children while the
+    consumer thread may hold the completion lock; the child inherits the
+    lock taken by a thread it does not have and would hang in its first
+    write. After a fork the child gets fresh locks."""
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with group_commit._completion_lock, group_commit._writers_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:
+            ok = group_commit._completion_lock.acquire(timeout=2) and \
+                group_commit._writers_lock.acquire(timeout=2)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        holder.join(5)
