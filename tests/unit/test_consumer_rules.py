@@ -152,3 +152,12 @@ def test_warm_shutdown_returns_reserved_messages_and_finishes_the_running_one(ap
     while consumer.has_work() and time.monotonic() < deadline:
         consumer.drain(0.05)
     assert app.ran == ["running"] and broker.settled(running) == ["ack"]
+
+
+def test_an_expired_task_is_acked_not_run_and_stored_revoked(app, run):
+    """A message past its ``expires`` is discarded when received, as Celery does."""
+    broker, consumer, _ = run()
+    task_id = broker.publish(app, "t.late", (1,), expires=-1)
+    assert wait_for(lambda: broker.settled(task_id) == ["ack"])
+    assert app.ran == []
+    assert app.AsyncResult(task_id).state == "REVOKED"
