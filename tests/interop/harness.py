@@ -462,6 +462,15 @@ class WorkerProcess:
         finally:
             client.close()
 
+    def recorded(self) -> list:
+        """What the project recorded (``ccit_recorder``) since `startup_records`
+        were taken (all of it if they never were), in order."""
+        client = redis.Redis.from_url(self.broker.results_url)
+        try:
+            return [json.loads(r) for r in client.lrange(self.record_key, 0, -1)]
+        finally:
+            client.close()
+
     def request_stop(self) -> None:
         """SIGTERM (warm shutdown) without waiting, once: lets a caller stop
         many workers at the same time, then ``stop()`` each."""

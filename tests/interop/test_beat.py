@@ -15,7 +15,6 @@ with the same message and status.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shelve
 import signal
@@ -43,12 +42,7 @@ def redis_broker() -> harness.BrokerEnv:
 
 
 def records(worker: harness.WorkerProcess) -> list:
-    client = redis.Redis.from_url(worker.broker.results_url)
-    try:
-        raw = client.lrange(worker.record_key, 0, -1)
-    finally:
-        client.close()
-    return worker.startup_records + [json.loads(r) for r in raw]
+    return worker.startup_records + worker.recorded()
 
 
 def ticks(worker: harness.WorkerProcess) -> int:

@@ -18,12 +18,10 @@ stops ccworker at start with one line naming it (ccworker only).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import pytest
-import redis
 from kombu import Connection, Exchange, Producer
 
 import harness
@@ -31,15 +29,6 @@ import harness
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
 PROJECT = "proj_steps"
-
-
-def records(worker: harness.WorkerProcess) -> list:
-    client = redis.Redis.from_url(worker.broker.results_url)
-    try:
-        raw = client.lrange(worker.record_key, 0, -1)
-    finally:
-        client.close()
-    return [json.loads(entry) for entry in raw]
 
 
 def publish_plain(worker: harness.WorkerProcess, body: dict) -> None:
@@ -51,7 +40,7 @@ def publish_plain(worker: harness.WorkerProcess, body: dict) -> None:
 
 
 def external_bodies(worker: harness.WorkerProcess) -> list:
-    return [detail["body"] for event, detail in worker.startup_records + records(worker)
+    return [detail["body"] for event, detail in worker.startup_records + worker.recorded()
             if event == "external.message"]
 
 
@@ -97,17 +86,17 @@ def observe(kind: str, pool: str, broker: harness.BrokerEnv, log_dir, tmp: Path)
         if broker.name == "redis":
             seen["connections cut"] = harness.kill_redis_connections(worker.pid) > 0
             harness.wait_until(
-                lambda: sum(e == "lifecycle.start" for e, _ in records(worker)) >= 1, 30)
+                lambda: sum(e == "lifecycle.start" for e, _ in worker.recorded()) >= 1, 30)
             publish_plain(worker, {"n": 2})
             seen["plain message consumed after the cut"] = harness.wait_until(
                 lambda: external_bodies(worker) == [{"n": 1}, {"n": 2}], 30)
             seen["task result after the cut"] = add(worker, 4, 5)
-            seen["calls at the cut"] = [e for e, _ in records(worker)
+            seen["calls at the cut"] = [e for e, _ in worker.recorded()
                                         if e != "external.message"]
         seen["queue drained"] = broker.queue_depth(f"{worker.queue}.external") == 0
     finally:
         seen["exit status"] = worker.stop()
-    seen["calls at shutdown"] = [e for e, _ in records(worker) if e != "external.message"]
+    seen["calls at shutdown"] = [e for e, _ in worker.recorded() if e != "external.message"]
     seen["liveness file removed"] = not heartbeat.exists()
     return seen
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import signal
 from typing import Iterator
 
 import pytest
@@ -132,27 +131,7 @@ def test_warm_shutdown(sig, interop_log_dir, redis_available):
     green thread finishes and SUCCESS is stored; exit 0 / 1, as Celery's.
     ccworker's handlers run in a green thread of their own, so its
     ``worker_shutting_down`` receivers may do I/O (they record to Redis)."""
-    broker, workers, sent = operations.start_sleeper("eventlet", interop_log_dir,
-                                                     operations.kinds_or_skip())
-    observed = {}
-    try:
-        for worker in workers.values():
-            operations.send_signal(worker, getattr(signal, sig))
-        for kind, worker in workers.items():
-            observed[kind] = operations.after_exit(broker, worker, sent[kind])
-    finally:
-        operations.cleanup(list(workers.values()))
-
-    exitcode = 0 if sig == "SIGTERM" else 1
-    shutting_down = {kind: obs.pop("shutting_down") for kind, obs in observed.items()}
-    for obs in observed.values():
-        assert obs == {"exit": exitcode, "task_state": "SUCCESS", "task_finished": True,
-                       "task_runs": 1, "warm_line": True, "queue_depth": 0}, \
-            operations.report(observed)
-    if "ccworker" in shutting_down:
-        assert shutting_down["ccworker"] == [{"sig": sig, "how": "Warm",
-                                              "exitcode": exitcode}]
-    operations.compare(observed, workers)
+    operations.green_warm_shutdown("eventlet", sig, interop_log_dir)
 
 
 @pytest.mark.parametrize("how", ["SIGINT-twice", "SIGQUIT"])

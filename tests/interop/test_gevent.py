@@ -29,7 +29,6 @@ Celery's gevent worker on RabbitMQ takes in about one message per 0.1 s
 from __future__ import annotations
 
 import functools
-import signal
 import uuid
 
 import pytest
@@ -76,29 +75,9 @@ def test_warm_shutdown(sig, interop_log_dir, redis_available):
     to Redis). Celery's gevent worker runs them in the event loop, where
     that receiver fails with ``BlockingSwitchOutError`` and records nothing.
     """
-    broker, workers, sent = operations.start_sleeper("gevent", interop_log_dir,
-                                                     operations.kinds_or_skip())
-    observed = {}
-    try:
-        for worker in workers.values():
-            operations.send_signal(worker, getattr(signal, sig))
-        for kind, worker in workers.items():
-            observed[kind] = operations.after_exit(broker, worker, sent[kind])
-    finally:
-        operations.cleanup(list(workers.values()))
-
-    exitcode = 0 if sig == "SIGTERM" else 1
-    shutting_down = {kind: obs.pop("shutting_down") for kind, obs in observed.items()}
-    for obs in observed.values():
-        assert obs == {"exit": exitcode, "task_state": "SUCCESS", "task_finished": True,
-                       "task_runs": 1, "warm_line": True, "queue_depth": 0}, \
-            operations.report(observed)
-    if "ccworker" in shutting_down:
-        assert shutting_down["ccworker"] == [{"sig": sig, "how": "Warm",
-                                              "exitcode": exitcode}]
+    shutting_down = operations.green_warm_shutdown("gevent", sig, interop_log_dir)
     if "celery" in shutting_down:
         assert shutting_down["celery"] == []
-    operations.compare(observed, workers)
 
 
 @pytest.mark.parametrize("how", ["SIGINT-twice", "SIGQUIT"])

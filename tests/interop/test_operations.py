@@ -168,11 +168,7 @@ def clients(workers: list, envs: Optional[list] = None):
 
 
 def records(worker: harness.WorkerProcess) -> list:
-    client = redis.Redis.from_url(worker.broker.results_url)
-    try:
-        return [json.loads(r) for r in client.lrange(worker.record_key, 0, -1)]
-    finally:
-        client.close()
+    return worker.recorded()
 
 
 def runs(worker: harness.WorkerProcess) -> dict:
@@ -349,6 +345,35 @@ def test_deployment_command_line(case, request, interop_log_dir, tmp_path):
 # --------------------------------------------------------------------------
 
 TASK_SECONDS = 2.0
+
+
+def green_warm_shutdown(pool: str, sig: str, interop_log_dir: Path) -> dict:
+    """The warm-shutdown scenario of the green pools (test_gevent.py,
+    test_eventlet.py): ``sig`` while a task sleeps 2 s; the task finishes,
+    SUCCESS is stored, the exit code is Celery's, ccworker's
+    ``worker_shutting_down`` receiver recorded; compared across kinds.
+    Returns what each kind's receiver recorded, for the pool's own checks."""
+    broker, workers, sent = start_sleeper(pool, interop_log_dir, kinds_or_skip())
+    observed = {}
+    try:
+        for worker in workers.values():
+            send_signal(worker, getattr(signal, sig))
+        for kind, worker in workers.items():
+            observed[kind] = after_exit(broker, worker, sent[kind])
+    finally:
+        cleanup(list(workers.values()))
+
+    exitcode = 0 if sig == "SIGTERM" else 1
+    shutting_down = {kind: obs.pop("shutting_down") for kind, obs in observed.items()}
+    for obs in observed.values():
+        assert obs == {"exit": exitcode, "task_state": "SUCCESS", "task_finished": True,
+                       "task_runs": 1, "warm_line": True, "queue_depth": 0}, \
+            report(observed)
+    if "ccworker" in shutting_down:
+        assert shutting_down["ccworker"] == [{"sig": sig, "how": "Warm",
+                                              "exitcode": exitcode}]
+    compare(observed, workers)
+    return shutting_down
 
 
 def start_sleeper(pool: str, interop_log_dir: Path, kinds) -> tuple:

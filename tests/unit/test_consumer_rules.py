@@ -16,6 +16,7 @@ import uuid
 import pytest
 from celery import Celery
 from memory_broker import MemoryBroker
+from test_consumer import wait_for
 
 from celerycompat.backends import result_store_for
 from celerycompat.consumer.consumer import Consumer
@@ -72,15 +73,6 @@ def run(app):
         consumer.should_stop = True
         thread.join(5)
         pool.stop()
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return False
 
 
 def test_prefetch_holds_slots_times_multiplier_besides_the_running_task(app, run):

@@ -225,20 +225,22 @@ def test_watchdog_names_code_outside_tasks(caplog) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_unpatched_gevent_runs_threads_with_a_warning() -> None:
+@pytest.mark.parametrize("green", ["gevent", "eventlet"])
+def test_unpatched_green_pool_runs_threads_with_a_warning(green) -> None:
     """``worker_pool = "gevent"`` (or ``-P gevent`` reaching a process that
     was not started through the entry point) is seen after the app was
-    imported, too late to patch: threads, and a line saying what to do."""
+    imported, too late to patch: threads, and a line saying what to do.
+    The same for eventlet."""
     from celery import Celery
 
     from celerycompat.options import resolve_worker_options
 
     app = Celery("unpatched", set_as_current=False)
-    options = resolve_worker_options(app, {"hostname": "w@h", "pool": "gevent"})
-    assert (options.requested_pool, options.pool) == ("gevent", "threads")
-    assert [line for line in options.unsupported if "gevent" in line] == [
-        "ccworker: the gevent pool needs -P gevent on the command line "
-        "(or CELERY_WORKER_POOL=gevent), so the process is monkey-patched before the "
+    options = resolve_worker_options(app, {"hostname": "w@h", "pool": green})
+    assert (options.requested_pool, options.pool) == (green, "threads")
+    assert [line for line in options.unsupported if green in line] == [
+        f"ccworker: the {green} pool needs -P {green} on the command line "
+        f"(or CELERY_WORKER_POOL={green}), so the process is monkey-patched before the "
         "app is imported; using 'threads' instead"]
 
 
@@ -256,20 +258,6 @@ def test_patched_process_runs_the_eventlet_pool() -> None:
                           "warnings": options.unsupported}))
     """)
     assert result == {"patched": True, "pool": "eventlet", "warnings": []}
-
-
-def test_unpatched_eventlet_runs_threads_with_a_warning() -> None:
-    from celery import Celery
-
-    from celerycompat.options import resolve_worker_options
-
-    app = Celery("unpatched", set_as_current=False)
-    options = resolve_worker_options(app, {"hostname": "w@h", "pool": "eventlet"})
-    assert (options.requested_pool, options.pool) == ("eventlet", "threads")
-    assert [line for line in options.unsupported if "eventlet" in line] == [
-        "ccworker: the eventlet pool needs -P eventlet on the command line "
-        "(or CELERY_WORKER_POOL=eventlet), so the process is monkey-patched before the "
-        "app is imported; using 'threads' instead"]
 
 
 def test_patched_process_runs_the_gevent_pool() -> None:
