@@ -347,12 +347,9 @@ def test_deployment_command_line(case, request, interop_log_dir, tmp_path):
 TASK_SECONDS = 2.0
 
 
-def green_warm_shutdown(pool: str, sig: str, interop_log_dir: Path) -> dict:
-    """The warm-shutdown scenario of the green pools (test_gevent.py,
-    test_eventlet.py): ``sig`` while a task sleeps 2 s; the task finishes,
-    SUCCESS is stored, the exit code is Celery's, ccworker's
-    ``worker_shutting_down`` receiver recorded; compared across kinds.
-    Returns what each kind's receiver recorded, for the pool's own checks."""
+def signalled_sleepers(pool: str, sig: str, interop_log_dir: Path) -> tuple[dict, dict]:
+    """``sig`` to each kind's worker while its task sleeps; what each showed
+    after it exited (`after_exit`), and the workers."""
     broker, workers, sent = start_sleeper(pool, interop_log_dir, kinds_or_skip())
     observed = {}
     try:
@@ -362,6 +359,16 @@ def green_warm_shutdown(pool: str, sig: str, interop_log_dir: Path) -> dict:
             observed[kind] = after_exit(broker, worker, sent[kind])
     finally:
         cleanup(list(workers.values()))
+    return observed, workers
+
+
+def green_warm_shutdown(pool: str, sig: str, interop_log_dir: Path) -> dict:
+    """The warm-shutdown scenario of the green pools (test_gevent.py,
+    test_eventlet.py): ``sig`` while a task sleeps 2 s; the task finishes,
+    SUCCESS is stored, the exit code is Celery's, ccworker's
+    ``worker_shutting_down`` receiver recorded; compared across kinds.
+    Returns what each kind's receiver recorded, for the pool's own checks."""
+    observed, workers = signalled_sleepers(pool, sig, interop_log_dir)
 
     exitcode = 0 if sig == "SIGTERM" else 1
     shutting_down = {kind: obs.pop("shutting_down") for kind, obs in observed.items()}
@@ -415,15 +422,7 @@ def test_warm_shutdown(sig, pool, interop_log_dir, redis_available):
     """SIGTERM / a first SIGINT while a task sleeps 2 s: warm shutdown, the
     task finishes and SUCCESS is stored; exit 0 for SIGTERM, 1 for SIGINT
     (``celery/apps/worker.py``: the SIGINT handler passes ``EX_FAILURE``)."""
-    broker, workers, sent = start_sleeper(pool, interop_log_dir, kinds_or_skip())
-    observed = {}
-    try:
-        for worker in workers.values():
-            send_signal(worker, getattr(signal, sig))
-        for kind, worker in workers.items():
-            observed[kind] = after_exit(broker, worker, sent[kind])
-    finally:
-        cleanup(list(workers.values()))
+    observed, workers = signalled_sleepers(pool, sig, interop_log_dir)
 
     reference = observed.get("celery") or next(iter(observed.values()))
     assert reference["exit"] == (0 if sig == "SIGTERM" else 1), report(observed)
