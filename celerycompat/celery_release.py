@@ -151,6 +151,22 @@ def reject_fails_task() -> bool:
     return celery_version() >= (5, 7)
 
 
+def request_hook_rules() -> tuple[bool, bool, bool]:
+    """How the release's ``celery.worker.request.Request`` hooks go on to
+    ``acknowledge``/``reject`` (``consumer/project_requests.py`` repeats it):
+
+    * ``unwraps``: ``on_failure`` unwraps billiard's ``ExceptionWithTraceback``
+      before it looks at the exception's type (5.3+; 5.2 sees the wrapper);
+    * ``timeout_requeues``: an ``acks_late`` task's ``TimeLimitExceeded`` is
+      rejected with requeue when its acks flag is off (5.5+);
+    * ``split_flags``: ``acks_on_timeout``/``acks_on_failure`` replace
+      ``acks_on_failure_or_timeout``, and the hard limit's ``on_timeout``
+      rejects with requeue when it does not ack (5.7).
+    """
+    version = celery_version()
+    return version >= (5, 3), version >= (5, 5), version >= (5, 7)
+
+
 def revoke_stores() -> str | None:
     """What ``revoke`` writes to the result backend (``celery/worker/control.py``).
 

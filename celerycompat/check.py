@@ -207,9 +207,7 @@ def _tasks(options: Any) -> Iterator[Finding]:
         if task.rate_limit:
             rated.append(name)
     for cls, names in requests.items():
-        yield Finding(UNSUPPORTED, "task", f"Request class {cls} ({', '.join(names)})",
-                      "its worker-side hooks (on_timeout, on_failure, on_success, "
-                      "on_accepted, ...) are not called: ccworker runs the task itself")
+        yield _request_class(cls, names, options.app.tasks[names[0]])
     for strategy, names in strategies.items():
         yield Finding(UNSUPPORTED, "task", f"Strategy {strategy} ({', '.join(names)})",
                       "not used: ccworker receives every task the same way")
@@ -218,6 +216,38 @@ def _tasks(options: Any) -> Iterator[Finding]:
         yield Finding(NOTE, "task", f"rate limits ({', '.join(rated)})",
                       "a message waiting for a token has its own prefetch slot, so other "
                       "task types are not starved (docs/compat.md, Consuming)")
+
+
+#: The methods of a task's own Request class ccworker calls where Celery's
+#: worker does (consumer/project_requests.py); ``on_success`` Celery itself
+#: never calls (``create_request_cls`` replaces it).
+REQUEST_HOOKS = frozenset({"__init__", "on_accepted", "on_timeout", "on_failure", "on_retry",
+                           "on_success", "acknowledge", "reject"})
+
+
+def _request_class(name: str, tasks: list[str], task: Any) -> Finding:
+    """A task's own Request class: its hooks run; any other override does not."""
+    from celery.worker.request import Request as CeleryRequest
+
+    from celerycompat.execution.context import own_request_class
+
+    own = own_request_class(task)
+    celery_mro = set(CeleryRequest.__mro__)
+    overridden = {attr for klass in (own.__mro__ if own is not None else ())
+                  if klass not in celery_mro
+                  for attr, value in vars(klass).items()
+                  if callable(value) and hasattr(CeleryRequest, attr)}
+    subject = f"Request class {name} ({', '.join(tasks)})"
+    ignored = sorted(overridden - REQUEST_HOOKS)
+    if ignored:
+        return Finding(UNSUPPORTED, "task", subject,
+                       f"its {', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} not "
+                       "called: ccworker receives and runs "
+                       "tasks itself; its hooks (on_accepted, on_failure, on_retry, "
+                       "on_timeout, acknowledge, reject) are")
+    return Finding(NOTE, "task", subject,
+                   "its hooks run where Celery calls them, each after ccworker's own "
+                   "handling of that moment (docs/compat.md)")
 
 
 def _time_limits(options: Any, limited: list[str]) -> Iterator[Finding]:

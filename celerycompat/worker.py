@@ -34,6 +34,7 @@ from celerycompat.consumer.consumer import Consumer
 from celerycompat.consumer.decoder import make_decoder, max_message_bytes
 from celerycompat.consumer.delayed_delivery import native_delayed_delivery
 from celerycompat.consumer.kombu_broker import KombuBroker
+from celerycompat.consumer.project_requests import ProjectRequests, project_requests
 from celerycompat.consumer.queues import select_queues
 from celerycompat.consumer.redis_broker import RedisBroker, native_path_eligible
 from celerycompat.consumer.statedb import StateDB
@@ -115,6 +116,8 @@ class Worker:
         self.beat: EmbeddedBeat | None = None
         #: The project's own bootsteps (project_steps.py); None without any.
         self.steps: StepRunner | None = None
+        #: Tasks with their own Request class (consumer/project_requests.py); None without any.
+        self.requests: ProjectRequests | None = None
 
     # -- start -------------------------------------------------------------------
 
@@ -172,6 +175,10 @@ class Worker:
         # Celery >= 5.5 on quorum queues: its own DelayedDelivery step, run at
         # every connection (consumer/delayed_delivery.py).
         self.consumer.observe(native_delayed_delivery(app))
+        # Tasks with their own Request class: its hooks, where Celery calls
+        # them (consumer/project_requests.py).
+        self.requests = project_requests(app, self.pool, options.pool)
+        self.consumer.observe(self.requests)
         if options.statedb:
             # Before the consumer connects: mingle's hello carries the loaded ids.
             # An unreadable file stops the start (exit 1), as in Celery.
@@ -465,6 +472,8 @@ class Worker:
             consumer.drain(0)
         if self.steps is not None:
             self.steps.shutdown()
+        if self.requests is not None:
+            self.requests.close()
 
 
 def run(options: Any) -> int:

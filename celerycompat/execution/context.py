@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from celery.app.task import Context
+from celery.utils.imports import symbol_by_name
+from celery.worker.request import Request as CeleryRequest
 
 from celerycompat.protocol.message import TaskMessage
 
@@ -31,3 +33,15 @@ def build_context(message: TaskMessage, request: dict[str, Any]) -> Context:
     """``Context(request, args=..., called_directly=False, kwargs=...)`` as the tracer does."""
     return Context(request, args=message.args, called_directly=False,
                    kwargs=message.kwargs)
+
+
+def own_request_class(task: Any) -> type | None:
+    """The task's own ``Request`` class (``Task.Request``), or None when it is Celery's.
+
+    Its hooks run in the worker (consumer/project_requests.py); a prefork
+    child then sends a failed run's exception to the parent for them.
+    """
+    cls = task.Request
+    if isinstance(cls, str):
+        cls = symbol_by_name(cls)
+    return None if cls is CeleryRequest else cls

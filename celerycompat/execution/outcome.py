@@ -58,6 +58,9 @@ class Outcome:
     exception_repr: str | None = None
     """``safe_repr`` of the exception (``task-failed/-retried.exception``)."""
     traceback: str | None = None
+    pid: int | None = None
+    """The process that ran it, where that is not the consumer's (prefork's
+    child): a task's own ``Request.on_accepted`` gets it."""
     durable: Any = field(default=None, repr=False, compare=False)
     """The `backends.group_commit.Write` of the deferred SUCCESS write, or None
     (written already, or nothing to write). Never crosses a process."""

@@ -14,7 +14,7 @@ child's own.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
@@ -87,6 +87,23 @@ class ResizablePool(Pool, Protocol):
     def shrink(self, n: int = 1) -> None:
         """``n`` fewer slots; ValueError if the pool cannot give up that many
         now (prefork: only idle processes stop, as billiard's)."""
+
+
+#: Called with ``(message, soft)`` when a task's soft limit fires, after the
+#: warning: the worker's `consumer.project_requests` registers here, to call
+#: a task's own ``Request.on_timeout(True, soft)`` as Celery's prefork pool does.
+soft_limit_listeners: list[Callable[[TaskMessage, Any], None]] = []
+
+
+def soft_limit_exceeded(soft: Any, message: TaskMessage) -> None:
+    """Celery's soft-limit warning for ``message``, then the listeners.
+
+    Every pool calls it at the moment the soft limit fires (its timer's
+    thread or greenlet; solo: its signal handler).
+    """
+    logger.warning("Soft time limit (%ss) exceeded for %s[%s]", soft, message.name, message.id)
+    for listener in tuple(soft_limit_listeners):
+        listener(message, soft)
 
 
 def run_guarded(runner: TaskRunner, task_name: str, message: TaskMessage,

@@ -44,6 +44,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from celerycompat.backends import group_commit
 from celerycompat.celery_release import process_init_sender
+from celerycompat.execution.context import own_request_class
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import procproto
 
@@ -358,6 +359,28 @@ def _picklable(error: BaseException) -> BaseException:
 
 
 _writes = _PendingWrites()
+_keeps_exception: dict[str, bool] = {}
+
+
+def _crossing_retval(runner: Any, task_name: str, retval: Any) -> Any:
+    """What of a run's ``retval`` goes to the parent: nothing, except the
+    exception of a task with its own ``Request`` class, whose ``on_failure``
+    gets it in the parent as Celery's does (if it pickles)."""
+    if not isinstance(retval, BaseException):
+        return None
+    keeps = _keeps_exception.get(task_name)
+    if keeps is None:
+        task = runner.app.tasks.get(task_name)
+        keeps = _keeps_exception[task_name] = (
+            task is not None and own_request_class(task) is not None)
+    if not keeps:
+        return None
+    try:
+        pickle.loads(pickle.dumps(retval))  # the parent must be able to read it back
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return None
+    retval.__traceback__ = None
+    return retval
 
 
 def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
@@ -404,7 +427,7 @@ def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
             elif used > max_memory:
                 billiard_logger.warning(MAXMEM_USED_FMT.format(used, max_memory))
                 last, exitcode = True, procproto.EX_RECYCLE
-        outcome.retval = None
+        outcome.retval = _crossing_retval(runner, task_name, outcome.retval)
         durable, outcome.durable = outcome.durable, None
         send(("done", job_no, outcome, last, durable is not None))
         if durable is not None:

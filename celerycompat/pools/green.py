@@ -75,12 +75,10 @@ from greenlet import GreenletExit
 
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
-from celerycompat.pools.base import OnDone
+from celerycompat.pools.base import OnDone, soft_limit_exceeded
 from celerycompat.pools.deadlines import guarded_runner
 from celerycompat.pools.hub_watchdog import HubWatchdog, threshold_from_env
 from celerycompat.protocol.message import TaskMessage
-
-request_logger = logging.getLogger("celery.worker.request")
 
 #: How long a greenlet killed at its hard limit may take to unwind before
 #: the outcome is recorded without it.
@@ -375,8 +373,7 @@ class GreenPool:
         greenlet = job.greenlet
         if job.handled or job.final or greenlet is None or self.green.dead(greenlet):
             return
-        request_logger.warning("Soft time limit (%ss) exceeded for %s[%s]",
-                               job.soft, job.message.name, job.message.id)
+        soft_limit_exceeded(job.soft, job.message)
         if job.hard:
             # Before the soft kill: with eventlet the kill runs the task
             # greenlet at once, and it may finish before we come back.

@@ -35,11 +35,10 @@ from billiard.exceptions import WorkerLostError
 from celerycompat.backends.group_commit import Write
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
-from celerycompat.pools.base import OnDone
+from celerycompat.pools.base import OnDone, soft_limit_exceeded
 from celerycompat.protocol.message import TaskMessage
 
 logger = logging.getLogger("celery.concurrency.prefork")
-request_logger = logging.getLogger("celery.worker.request")
 #: billiard logs pool process exits here (Celery's app.log configures it).
 billiard_logger = logging.getLogger("multiprocessing")
 
@@ -296,7 +295,7 @@ class Supervisor:
                     # commit): the consumer settles once it says "written".
                     outcome.durable = Write()
                     child.writing[job_no] = (job, outcome.durable)
-                self._report(job.on_done, lambda: outcome)
+                self._report(job.on_done, lambda: outcome, child)
         elif kind == "written":
             _, job_no, error = message
             pending = child.writing.pop(job_no, None)
@@ -310,19 +309,24 @@ class Supervisor:
             if job is not None and job.no == job_no and not job.handled:
                 job.handled = True
                 text = procproto.self_exit_text(code)
-                self._report(job.on_done, lambda: self._lost(job, text))
+                self._report(job.on_done, lambda: self._lost(job, text), child)
 
     def _lost(self, job: Job, text: str) -> Outcome:
         task = self.runner.app.tasks[job.task_name]
         return failures.worker_lost(self.runner, task, job.message, text)
 
-    def _report(self, on_done: OnDone, make: Any) -> None:
-        """``on_done(make())``; if recording the outcome fails, still free the slot."""
+    def _report(self, on_done: OnDone, make: Any, child: Child | None = None) -> None:
+        """``on_done(make())``; if recording the outcome fails, still free the slot.
+
+        ``child``: the one that ran the job (``Outcome.pid``).
+        """
         try:
             outcome = make()
         except Exception as exc:
             logger.critical("Could not record a pool outcome: %r", exc, exc_info=True)
             outcome = Outcome(State.INTERNAL_ERROR, exc, exception_repr=repr(exc))
+        if child is not None:
+            outcome.pid = child.pid
         try:
             on_done(outcome)
         except Exception:
@@ -346,8 +350,7 @@ class Supervisor:
             if job.handled or job.terminated or child is None or child.job is not job:
                 continue
             if kind == "soft":
-                request_logger.warning("Soft time limit (%ss) exceeded for %s[%s]",
-                                       job.soft, job.message.name, job.message.id)
+                soft_limit_exceeded(job.soft, job.message)
                 _kill(child.pid, signal.SIGUSR1)
                 if job.hard:
                     delay = max(0.0, float(job.hard) - float(job.soft))
@@ -367,7 +370,7 @@ class Supervisor:
         child.last = True  # it is being killed: nothing more goes to it
         task = self.runner.app.tasks[job.task_name]
         self._report(job.on_done, lambda: failures.hard_time_limit(
-            self.runner, task, job.message, job.hard))
+            self.runner, task, job.message, job.hard), child)
         _kill(child.pid, signal.SIGTERM)
         self._add_timer(time.monotonic() + HARD_KILL_GRACE, "kill", child)
 
@@ -419,10 +422,10 @@ class Supervisor:
         job.handled = True
         if job.terminated:
             # Killed by ``revoke(terminate=True)``: REVOKED is announced already.
-            self._report(job.on_done, lambda: Outcome(State.REVOKED))
+            self._report(job.on_done, lambda: Outcome(State.REVOKED), child)
             return
         text = procproto.worker_lost_text(exitcode, job.no)
-        self._report(job.on_done, lambda: self._lost(job, text))
+        self._report(job.on_done, lambda: self._lost(job, text), child)
 
     def _read_rest(self, child: Child) -> None:
         """What an exited child sent that the selector has not read yet (a

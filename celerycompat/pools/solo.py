@@ -40,7 +40,7 @@ from celerycompat.celery_release import process_init_sender
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
-from celerycompat.pools.base import OnDone, run_guarded
+from celerycompat.pools.base import OnDone, run_guarded, soft_limit_exceeded
 from celerycompat.pools.deadlines import (
     EXPIRED,
     IDLE,
@@ -186,8 +186,7 @@ class SoloPool:
             else:
                 self._next = None
             if message is not None:
-                logger.warning("Soft time limit (%ss) exceeded for %s[%s]", self._soft,
-                               message.name, message.id)
+                soft_limit_exceeded(self._soft, message)
             raise SoftTimeLimitExceeded()
         if self._next == "hard":
             self._next = None

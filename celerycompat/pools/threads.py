@@ -62,7 +62,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
-from celerycompat.pools.base import OnDone
+from celerycompat.pools.base import OnDone, soft_limit_exceeded
 from celerycompat.pools.deadlines import (
     EXPIRED,
     IDLE,
@@ -370,8 +370,7 @@ class ThreadPool:
         job = getattr(slot, "job", None)
         if job is not None:
             message = job[1]
-            logger.warning("Soft time limit (%ss) exceeded for %s[%s]", slot.soft,
-                           message.name, message.id)
+            soft_limit_exceeded(slot.soft, message)
 
     def _on_hard(self, slot: Deadline) -> None:
         assert isinstance(slot, _Slot)

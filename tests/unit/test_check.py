@@ -103,7 +103,10 @@ def test_everything_reported_exits_1() -> None:
     for expected in (
         "worker_consumer = 'checkproj:NotUsedConsumer'",
         "NOTE         setting   worker_soft_shutdown_timeout = 10.0",
-        "Request class checkproj:TimeoutAwareRequest (checkproj.custom_request)",
+        "NOTE         task      Request class checkproj:TimeoutAwareRequest "
+        "(checkproj.custom_request)",
+        "UNSUPPORTED  task      Request class checkproj:PoolRequest (checkproj.pool_request)",
+        "its execute_using_pool is not called",
         "Strategy checkproj:custom_strategy (checkproj.custom_strategy_task)",
         "time limits on the threads pool (checkproj.limited)",
         "--pool-start-method spawn",

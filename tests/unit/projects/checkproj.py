@@ -48,6 +48,16 @@ def custom_request():
     return 1
 
 
+class PoolRequest(Request):
+    def execute_using_pool(self, pool, **kwargs):
+        return super().execute_using_pool(pool, **kwargs)
+
+
+@app.task(Request=PoolRequest)
+def pool_request():
+    return 1
+
+
 @app.task(Strategy="checkproj:custom_strategy")
 def custom_strategy_task():
     return 2
