@@ -282,7 +282,7 @@ def _autoscale(options: Any) -> Iterator[Finding]:
 def _versions(options: Any) -> Iterator[Finding]:
     """A Celery outside the tested releases, and what falls back on the stack found."""
     from celerycompat.celery_release import celery_version, support_warning
-    from celerycompat.consumer.redis_broker import missing_channel_attributes
+    from celerycompat.consumer.redis_eligibility import missing_channel_attributes
 
     outside = support_warning(celery_version())
     if outside:

@@ -36,7 +36,8 @@ from celerycompat.consumer.delayed_delivery import native_delayed_delivery
 from celerycompat.consumer.kombu_broker import KombuBroker
 from celerycompat.consumer.project_requests import ProjectRequests, project_requests
 from celerycompat.consumer.queues import select_queues
-from celerycompat.consumer.redis_broker import RedisBroker, native_path_eligible
+from celerycompat.consumer.redis_broker import RedisBroker
+from celerycompat.consumer.redis_eligibility import native_path_eligible
 from celerycompat.consumer.statedb import StateDB
 from celerycompat.control.gossip import Gossip
 from celerycompat.control.mailbox import ControlMailbox

@@ -47,6 +47,7 @@ from kombu.utils.json import loads as kombu_loads
 from celerycompat.consumer.broker import Delivery, DeliveryCallback
 from celerycompat.consumer.kombu_broker import KombuBroker, to_delivery
 from celerycompat.consumer.liveness import break_sockets, guarded
+from celerycompat.consumer.redis_eligibility import expires
 from celerycompat.consumer.redis_lease import LeaseKeeper, plain_client
 from celerycompat.consumer.redis_wait import RedisWaiting, _text
 
@@ -83,63 +84,6 @@ UNLIMITED_BATCH = 100
 #: At most this long (seconds) an ack waits to ride with the next fetch
 #: while the pool is busy; an idle poll sends it at once.
 ACK_DELAY = 0.01
-
-
-#: What the native path reads of kombu's Redis ``Channel`` (key names, the
-#: priority layout, the restore schedule): all of it, or the path is off.
-CHANNEL_NEEDS = (
-    "_get_message_priority", "_lookup", "_q_for_pri", "global_keyprefix",
-    "priority_steps", "qos", "sep", "unacked_index_key", "unacked_key",
-    "unacked_restore_interval", "unacked_restore_limit", "unacked_restore_throttle",
-    "visibility_timeout",
-)
-
-
-def missing_channel_attributes() -> list[str]:
-    """What the installed kombu's Redis channel lacks of `CHANNEL_NEEDS`
-    (kombu 5.2 has no restore throttle, for one)."""
-    from kombu.transport.redis import Channel
-
-    return [name for name in CHANNEL_NEEDS if not hasattr(Channel, name)]
-
-
-_warned_missing = False
-
-
-def _channel_supported() -> bool:
-    global _warned_missing
-    missing = missing_channel_attributes()
-    if missing and not _warned_missing:
-        import kombu
-
-        _warned_missing = True
-        logger.warning(
-            "Redis fast path off: kombu %s's Redis channel lacks %s; tasks are "
-            "fetched through kombu's own Redis transport, as celery worker does",
-            kombu.__version__, ", ".join(missing))
-    return not missing
-
-
-def native_path_eligible(connection: Connection, queues: Sequence[Any]) -> bool:
-    """Whether the native path keeps every kombu guarantee for these queues.
-
-    It does not when acks are not emulated (``ack_emulation=False``: kombu
-    keeps no ``unacked`` state to match), a queue expires (``x-expires``:
-    kombu refreshes the list and binding TTLs on each read, which this path
-    does not do) or the installed kombu lacks what the path reads of its
-    channel (one WARNING says so).
-    """
-    if connection.transport.driver_type != "redis" or not _channel_supported():
-        return False
-    options = connection.transport_options or {}
-    if not options.get("ack_emulation", True):
-        return False
-    return not any(_expires(queue) for queue in queues)
-
-
-def _expires(queue: Any) -> bool:
-    arguments = getattr(queue, "queue_arguments", None) or {}
-    return bool(getattr(queue, "expires", None) or arguments.get("x-expires"))
 
 
 class RedisBroker(RedisWaiting, KombuBroker):
@@ -207,7 +151,7 @@ class RedisBroker(RedisWaiting, KombuBroker):
     @guarded("add_consumer")
     def add_queue(self, queue: Any) -> None:
         queue.bind(self._channel).declare()
-        if _expires(queue):
+        if expires(queue):
             logger.warning("Queue %s expires (x-expires): its TTL is refreshed by "
                            "publishers only while ccworker consumes it", queue.name)
         if queue.name not in self._queues:

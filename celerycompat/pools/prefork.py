@@ -68,7 +68,8 @@ from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
 from celerycompat.pools.base import OnDone
 from celerycompat.pools.child import ChildConfig, child_main
-from celerycompat.pools.prefork_supervisor import Child, Job, Supervisor
+from celerycompat.pools.prefork_records import Child, Job
+from celerycompat.pools.prefork_supervisor import Supervisor
 from celerycompat.protocol.message import TaskMessage
 
 

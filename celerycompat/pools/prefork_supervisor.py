@@ -21,13 +21,11 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from billiard.exceptions import WorkerLostError
@@ -36,7 +34,7 @@ from celerycompat.backends.group_commit import Write
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
 from celerycompat.pools.base import OnDone, soft_limit_exceeded
-from celerycompat.protocol.message import TaskMessage
+from celerycompat.pools.prefork_records import Child, Job
 
 logger = logging.getLogger("celery.concurrency.prefork")
 #: billiard logs pool process exits here (Celery's app.log configures it).
@@ -52,58 +50,6 @@ RESPAWN_BACKOFF = 1.0
 REAP_INTERVAL = 0.5
 #: How long a remote-control call waits for the supervisor thread.
 CALL_TIMEOUT = 10.0
-
-
-@dataclass(eq=False)
-class Job:
-    no: int
-    task_name: str
-    message: TaskMessage
-    on_done: OnDone
-    payload: bytes
-    child: Child | None = None
-    accepted: bool = False
-    time_start: float | None = None
-    hard: Any = None
-    soft: Any = None
-    handled: bool = False
-    """``on_done`` was called (by the child's report or by the parent)."""
-    term_signal: int | None = None
-    """``revoke(terminate=True)``: the signal for its child (sent at once, or
-    when the child accepts the job). No time limit, no lost worker then."""
-
-    @property
-    def terminated(self) -> bool:
-        return self.term_signal is not None
-
-
-@dataclass(eq=False)
-class Child:
-    pid: int
-    index: int
-    name: str
-    sock: socket.socket
-    started: float
-    reader: procproto.FrameReader = field(default_factory=procproto.FrameReader)
-    up: bool = False
-    job: Job | None = None
-    last: bool = False
-    """It said its last job was its last (max tasks / memory): no more jobs."""
-    eof: bool = False
-    controlled: bool = False
-    """We are stopping it: its exit is not an error."""
-    stop_sent: bool = False
-    signalled: bool = False
-    """``terminate`` signalled it: its exit is not an error (until it takes a new job)."""
-    retire: bool = False
-    """``pool_restart``: it is asked to exit once idle, and replaced."""
-    writing: dict[int, tuple[Job, Write]] = field(default_factory=dict)
-    """Jobs it reported done whose SUCCESS write it has not confirmed yet."""
-
-    @property
-    def idle(self) -> bool:
-        return self.up and self.job is None and not (
-            self.last or self.eof or self.stop_sent or self.retire)
 
 
 class Supervisor:
