@@ -312,7 +312,7 @@ class StepRunner:
 
     # -- the consumer's steps (observer hooks) -----------------------------------
 
-    def connected(self) -> None:
+    def connected(self, broker: Any) -> None:
         """A connection is up and consuming: start the consumer's steps on it.
 
         A connection error propagates (the consumer treats the connection

@@ -172,6 +172,7 @@ class Worker:
         if not options.without_gossip and self.consumer.dispatcher is not None:
             self.consumer.gossip = Gossip(app, self.nodename, os.getpid(),
                                           self.consumer.dispatcher)
+            self.consumer.observe(self.consumer.gossip)
         self._start_autoscaler(self.consumer)
         # Celery >= 5.5 on quorum queues: its own DelayedDelivery step, run at
         # every connection (consumer/delayed_delivery.py).

@@ -26,7 +26,6 @@ from kombu.exceptions import OperationalError
 from celerycompat.celery_release import setting as release_setting
 from celerycompat.consumer.broker import Broker, ConnectStopped
 from celerycompat.consumer.liveness import break_sockets, kombu_sockets
-from celerycompat.control.gossip import COMPATIBLE_TRANSPORTS as GOSSIP_TRANSPORTS
 from celerycompat.control.mingle import COMPATIBLE_TRANSPORTS
 
 logger = logging.getLogger("celery.worker.consumer.consumer")
@@ -62,7 +61,7 @@ class ConnectionLifecycle:
     and ``broker``, ``generation`` (bumped per connection: requests of an
     older one are not acked), ``purge``, ``queues``, ``should_stop`` and
     ``exitcode``, the parts restarted per connection (``observers``,
-    ``control``, ``gossip``, ``mingle``, ``dispatcher``), the held requests
+    ``control``, ``mingle``, ``dispatcher``), the held requests
     it drops (``reserved``, ``_eta``, ``rate_limits``) and the running ones
     it hands over (``active``), and ``on_delivery``, ``_qos_value``,
     ``_fetch_room``, ``disable_prefetch``, ``_cancel_unackable``.
@@ -78,7 +77,6 @@ class ConnectionLifecycle:
     exitcode: int | None
     observers: Any
     control: Any
-    gossip: Any
     mingle: Any
     dispatcher: Any
     reserved: Any
@@ -147,18 +145,16 @@ class ConnectionLifecycle:
                 broker.limit_fetch(self._fetch_room())
             broker.consume(self.queues, self.on_delivery)
             self.broker = broker
-            # Native delayed delivery and the project's consumer steps
-            # (project_steps.py) start here; a connection error in them is
+            # Gossip, native delayed delivery and the project's consumer
+            # steps (project_steps.py) start here; a connection error in them is
             # a connection lost while setting up, as in Celery.
-            self.observers.connected()
+            self.observers.connected(broker)
         except errors as exc:
             self.broker = None
             _abandon(broker)
             raise _SetupLost(exc) from exc
         if self.control is not None:
             self.control.start(broker.connection)
-        if self.gossip is not None and broker.driver_type in GOSSIP_TRANSPORTS:
-            self.gossip.start(broker.connection)
         if self.mingle is not None and broker.driver_type in COMPATIBLE_TRANSPORTS:
             self.mingle.begin()
 
@@ -248,8 +244,6 @@ class ConnectionLifecycle:
             self.rate_limits.clear()
         if self.control is not None:
             self.control.stop()
-        if self.gossip is not None:
-            self.gossip.stop()
         if self.dispatcher is not None:
             # The event connection goes to the same broker and is rebuilt with
             # the rest, as Celery's Events step is: left alone it could be

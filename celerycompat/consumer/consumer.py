@@ -118,7 +118,9 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         #: The pidbox node (built by ``control(self)``), restarted on every connection.
         self.control = control(self) if control is not None else None
         self.mingle = Mingle(app, hostname, self.revoked) if mingle else None
-        #: Gossip (control/gossip.py), set by the worker unless --without-gossip.
+        #: Gossip (control/gossip.py), set by the worker unless --without-gossip;
+        #: an observer (its connection, ticks and stop), kept here for the
+        #: ``election`` control command.
         self.gossip: Any = None
         self.dispatcher = dispatcher
         self.heart = Heart(dispatcher, interval=heartbeat_interval,
@@ -226,8 +228,7 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         with watchdog().guard(self._break_event_connection, "events"):
             if self.heart is not None:
                 self.heart.tick()
-            if self.gossip is not None:
-                self.gossip.tick()
+            self.observers.ticked()  # gossip
             self.dispatcher.flush()
 
     def _poll_timeout(self) -> float:
@@ -481,8 +482,7 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
     def close(self) -> None:
         if self.control is not None:
             self.control.stop()
-        if self.gossip is not None:
-            self.gossip.stop()
+        self.observers.closed()  # gossip
         if self.heart is not None:
             self.heart.stop()
         if self.dispatcher is not None:

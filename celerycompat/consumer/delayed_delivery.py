@@ -35,7 +35,7 @@ class NativeDelayedDelivery:
         self.step = step
         self.parent = parent
 
-    def connected(self) -> None:
+    def connected(self, broker: Any) -> None:
         """Declare and bind on the connection just made (blocks, as in Celery)."""
         self.step.start(self.parent)
 

@@ -1,8 +1,9 @@
 """The one seam the consumer's optional parts plug into (Dramatiq's middleware idea).
 
 Task events (``-E``), the metrics (``--metrics-port``), the autoscaler
-(``--autoscale``), native delayed delivery (quorum queues) and the project's
-own consumer steps (project_steps.py) each want to hear about the same
+(``--autoscale``), gossip, native delayed delivery (quorum queues), the
+project's own consumer steps (project_steps.py) and its tasks' own Request
+classes (project_requests.py) each want to hear about the same
 moments of a task's life and of the loop. Instead of
 one ``if self.x is not None`` branch per part at every such moment, the
 consumer calls each hook once on an `Observers`, which calls the parts that
@@ -10,17 +11,24 @@ implement it, in the order they were added.
 
 The hooks (an observer implements any subset, with these signatures):
 
-* ``connected()``: a broker connection is up and consuming (every reconnection);
+* ``connected(broker)``: a broker connection is up and consuming (every
+  reconnection); a connection error raised here is a connection lost while
+  setting up (the consumer starts over);
 * ``disconnected()``: the connection was lost (after it was abandoned, before
   the held requests are dropped and a new one is made);
 * ``turned()``: one turn of the consumer loop, after finished tasks are settled;
+* ``ticked()``: the turn's event tick (only with an event dispatcher): under
+  the event connection's watchdog, after the heartbeat, before the turn's
+  events are flushed;
 * ``received(request)``: a task message accepted (after ``task_received``);
 * ``started(request)``: handed to the pool;
 * ``finished(request, outcome, decision)``: its outcome settled (`execution.outcome.Settle`);
 * ``revoked(request, *, terminated, signum, expired)``: discarded as revoked or
   expired, or terminated;
 * ``cancelled(request)``: cancelled after a connection loss (``acks_late``);
-* ``unknown(task_id, name)``: a task this worker does not know.
+* ``unknown(task_id, name)``: a task this worker does not know;
+* ``closed()``: the consumer closes for good (after its loop, before its
+  connection is closed).
 
 A hook with no observer costs a call to a no-op; with one, a direct call to
 its bound method. Observers run on the consumer thread and must not block;
@@ -32,8 +40,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-HOOKS = ("connected", "disconnected", "turned", "received", "started", "finished", "revoked",
-         "cancelled", "unknown")
+HOOKS = ("connected", "disconnected", "turned", "ticked", "received", "started", "finished",
+         "revoked", "cancelled", "unknown", "closed")
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
@@ -56,15 +64,17 @@ def _fan_out(calls: list[Callable[..., Any]]) -> Callable[..., Any]:
 class Observers:
     """The consumer's observers; each hook in `HOOKS` is an attribute to call."""
 
-    connected: Callable[[], None]
+    connected: Callable[[Any], None]
     disconnected: Callable[[], None]
     turned: Callable[[], None]
+    ticked: Callable[[], None]
     received: Callable[[Any], None]
     started: Callable[[Any], None]
     finished: Callable[[Any, Any, Any], None]
     revoked: Callable[..., None]
     cancelled: Callable[[Any], None]
     unknown: Callable[[str, str], None]
+    closed: Callable[[], None]
 
     def __init__(self, observers: Iterable[Any] = ()) -> None:
         self.members: list[Any] = []

@@ -91,6 +91,23 @@ class Gossip:
             except Exception:
                 logger.debug("closing the gossip consumer failed", exc_info=True)
 
+    # -- consumer hooks (consumer/observers.py) ------------------------------------
+
+    def connected(self, broker: Any) -> None:
+        """Follow the cluster on the new connection (a channel of its own),
+        on the transports Celery gossips on."""
+        if broker.driver_type in COMPATIBLE_TRANSPORTS:
+            self.start(broker.connection)
+
+    def disconnected(self) -> None:
+        self.stop()
+
+    def ticked(self) -> None:
+        self.tick()
+
+    def closed(self) -> None:
+        self.stop()
+
     def tick(self) -> None:
         """On the consumer loop: send held acks that waited long enough; every
         5 s, forget nodes whose heartbeats stopped."""

@@ -144,7 +144,7 @@ class WorkerMetrics:
     def turned(self) -> None:
         self.last_turn = self.clock()
 
-    def connected(self) -> None:
+    def connected(self, broker: Any) -> None:
         self.connections += 1
         if self.connections > 1:
             self.reconnects_total.inc()

@@ -158,10 +158,10 @@ def test_outcomes_are_counted_as_the_task_events_report_them():
 
 def test_reconnects_count_connections_after_the_first():
     metrics = WorkerMetrics()
-    metrics.connected()
+    metrics.connected(None)
     assert metrics.reconnects_total._value.get() == 0
-    metrics.connected()
-    metrics.connected()
+    metrics.connected(None)
+    metrics.connected(None)
     assert metrics.reconnects_total._value.get() == 2
 
 

@@ -49,21 +49,29 @@ def test_an_observer_added_later_hears_from_then_on():
 
 
 def test_the_real_parts_take_the_hook_signatures():
-    """TaskEvents, WorkerMetrics and Autoscaler implement the hooks as the
-    consumer calls them (a signature mismatch would only show at run time)."""
+    """Every part on the seam implements its hooks as the consumer calls them
+    (a signature mismatch would only show at run time)."""
     import inspect
 
     from celerycompat.consumer.autoscale import Autoscaler
+    from celerycompat.consumer.delayed_delivery import NativeDelayedDelivery
+    from celerycompat.consumer.project_requests import ProjectRequests
+    from celerycompat.control.gossip import Gossip
     from celerycompat.events.task_events import TaskEvents
     from celerycompat.observability.worker_metrics import WorkerMetrics
+    from celerycompat.project_steps import StepRunner
 
     calls = {
-        "connected": ((), {}), "turned": ((), {}), "received": (("r",), {}),
+        "connected": (("broker",), {}), "disconnected": ((), {}), "turned": ((), {}),
+        "ticked": ((), {}), "closed": ((), {}), "received": (("r",), {}),
         "started": (("r",), {}), "finished": (("r", "o", "d"), {}),
         "revoked": (("r",), {"terminated": False, "signum": None, "expired": False}),
         "cancelled": (("r",), {}), "unknown": (("id", "name"), {}),
     }
-    for part in (TaskEvents, WorkerMetrics, Autoscaler):
+    assert set(calls) == set(HOOKS)
+    parts = (TaskEvents, WorkerMetrics, Autoscaler, NativeDelayedDelivery, ProjectRequests,
+             Gossip, StepRunner)
+    for part in parts:
         for hook in HOOKS:
             method = getattr(part, hook, None)
             if method is None:

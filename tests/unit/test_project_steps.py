@@ -128,10 +128,10 @@ def test_a_cold_shutdown_terminates():
 def test_consumer_steps_follow_the_connection():
     steps, consumer = runner(consumer_steps=[OnConnection])
     steps.start()
-    steps.connected()
+    steps.connected(None)
     steps.disconnected()
     consumer.broker = SimpleNamespace(connection="conn-2")
-    steps.connected()
+    steps.connected(None)
     steps.stop()
     steps.shutdown()
     assert CALLS == [("start", "OnConnection", "conn-1"), ("stop", "OnConnection"),
@@ -141,7 +141,7 @@ def test_consumer_steps_follow_the_connection():
 
 def test_a_missing_part_stops_the_worker_naming_it(caplog):
     steps, consumer = runner(consumer_steps=[NeedsQos])
-    steps.connected()
+    steps.connected(None)
     assert consumer.exitcode == 1 and consumer.should_stop
     assert "Unrecoverable error: MissingPart(\"ccworker's consumer has no 'qos'" in caplog.text
 
