@@ -26,8 +26,9 @@ cluster: $(BIN)/ccworker
 # the `serial` ones (their own broker nodes, restarts, kills) alone, then the
 # Celery version matrix (tests/matrix.py: the differential scenarios under
 # every older supported Celery, each in a venv it builds once and reuses).
-# All parts always run; the target fails if any did. tests/README.md has the
-# time budget and the ways to run less.
+# All parts always run; the target fails if any did. Steps 1 and 2 list
+# their slowest tests (where to look when the budget is tight).
+# tests/README.md has the time budget and the ways to run less.
 JOBS ?= 4
 MATRIX_JOBS ?= 4
 PYTEST := $(BIN)/python -m pytest
@@ -35,8 +36,8 @@ PYTEST := $(BIN)/python -m pytest
 test: $(BIN)/ccworker
 	$(BIN)/ruff check celerycompat tests benchmarks docker
 	@status=0; \
-	$(PYTEST) tests -q -n $(JOBS) --dist loadfile -m "not serial" || status=$$?; \
-	$(PYTEST) tests -q -m serial || status=$$?; \
+	$(PYTEST) tests -q -n $(JOBS) --dist loadfile -m "not serial" --durations=25 || status=$$?; \
+	$(PYTEST) tests -q -m serial --durations=5 || status=$$?; \
 	$(BIN)/python tests/matrix.py -n $(MATRIX_JOBS) || status=$$?; \
 	exit $$status
 
