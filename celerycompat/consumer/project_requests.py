@@ -194,6 +194,12 @@ def _guarded(method: Any) -> Any:
     return guarded
 
 
+def _accepted_at(request: Any) -> float:
+    """When the pool took ``request``, on the monotonic clock ``on_accepted``
+    expects (the consumer keeps it as ``time_start``, wall-clock)."""
+    return time.monotonic() - (time.time() - request.time_start)
+
+
 class ProjectRequests:
     """Makes the project's request objects and calls their hooks (a consumer observer)."""
 
@@ -249,10 +255,9 @@ class ProjectRequests:
         pid = self.pool.pid_for(request.id)
         if pid is None:
             # A prefork child has not taken it yet: at the next turn.
-            request.accepted_at = time.monotonic()
             self._not_accepted.add(request)
         else:
-            self._call(own.on_accepted, pid, time.monotonic())
+            self._call(own.on_accepted, pid, _accepted_at(request))
 
     @_guarded
     def turned(self) -> None:
@@ -264,7 +269,7 @@ class ProjectRequests:
     def _accept(self, request: Any, pid: Any) -> None:
         if request in self._not_accepted:
             self._not_accepted.discard(request)
-            self._call(request.project_request.on_accepted, pid, request.accepted_at)
+            self._call(request.project_request.on_accepted, pid, _accepted_at(request))
 
     @_guarded
     def finished(self, request: Any, outcome: Outcome, decision: Settle) -> None:

@@ -83,8 +83,6 @@ class Request:
     held until the pool reports the run gone (`Consumer.terminate`)."""
     project_request: Any = field(default=None, repr=False)
     """An object of the task's own ``Request`` class (consumer/project_requests.py)."""
-    accepted_at: float | None = field(default=None, repr=False)
-    """When a pool took it (monotonic), while its ``on_accepted`` waits for a pid."""
 
     @property
     def acks_late(self) -> bool:
