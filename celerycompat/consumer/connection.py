@@ -63,7 +63,8 @@ class ConnectionLifecycle:
     ``exitcode``, the parts restarted per connection (``observers``,
     ``control``, ``mingle``, ``dispatcher``), the held requests
     it drops (``reserved``, ``_eta``, ``rate_limits``) and the running ones
-    it hands over (``active``), and ``on_delivery``, ``_qos_value``,
+    it hands over (``active``, and ``_awaiting_write``: finished, their
+    SUCCESS still being written), and ``on_delivery``, ``_qos_value``,
     ``_fetch_room``, ``disable_prefetch``, ``_cancel_unackable``.
     """
 
@@ -83,6 +84,7 @@ class ConnectionLifecycle:
     _eta: list
     rate_limits: Any
     active: dict
+    _awaiting_write: dict
     disable_prefetch: bool
 
     if TYPE_CHECKING:  # the consumer's, used here
@@ -200,7 +202,11 @@ class ConnectionLifecycle:
         """
         if owed is None or self.broker is None:
             return
-        running = [request for request in self.active.values()
+        # A task whose SUCCESS is still being written is over, but its
+        # message is not settled: restored now, it would run a second time
+        # right after its result landed (issue 19, item 2).
+        running = [request for request in [*self.active.values(),
+                                           *self._awaiting_write.values()]
                    if not request.acked or request.ack_pending]
         try:
             kept = self.broker.adopt(owed, [request.delivery for request in running])

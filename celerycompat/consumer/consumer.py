@@ -102,6 +102,10 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         #: Ids of finished requests whose deferred SUCCESS write is not done yet
         #: (a count each: an id redelivered meanwhile can be there twice).
         self._writing: Counter[str] = Counter()
+        #: The same requests, by identity: their messages are still held (an
+        #: ``acks_late`` one is un-acked until the write lands), so a new
+        #: connection must keep them as it keeps running ones (`_adopt`).
+        self._awaiting_write: dict[int, Request] = {}
         self.should_stop = False
         #: Set to 1 when the consumer gave up on the broker (retrying off or
         #: used up): the worker stops and exits with it, as Celery's does.

@@ -36,7 +36,8 @@ class Settling:
     """The `Consumer`'s settling (module docstring).
 
     What it uses of the consumer: ``_done`` (outcomes from the pool),
-    ``_writing`` (ids whose SUCCESS write is in flight), ``active``,
+    ``_writing`` (ids whose SUCCESS write is in flight) and
+    ``_awaiting_write`` (those requests), ``active``,
     ``processed``, ``generation``, ``broker``, ``observers``, ``app`` and
     ``_connection_errors``.
     """
@@ -49,6 +50,7 @@ class Settling:
     observers: Any
     _done: queue.SimpleQueue
     _writing: Counter
+    _awaiting_write: dict
 
     if TYPE_CHECKING:  # the consumer's, used here
         def _connection_errors(self) -> tuple[type[BaseException], ...]:
@@ -78,6 +80,7 @@ class Settling:
             self._writing[request.id] -= 1
             if self._writing[request.id] <= 0:
                 del self._writing[request.id]
+            self._awaiting_write.pop(id(request), None)
             self._settle_written(request, self._after_write(request, outcome, durable))
         else:
             self._settle(*item)
@@ -100,6 +103,7 @@ class Settling:
             outcome.durable = None
             if not durable.done():
                 self._writing[request.id] += 1
+                self._awaiting_write[id(request)] = request
                 done = self._done
 
                 def written(_: Any) -> None:

@@ -217,6 +217,48 @@ def test_a_deferred_success_frees_the_slot_but_holds_the_ack(app):
         pool.stop()
 
 
+def test_a_new_connection_keeps_the_message_of_a_success_being_written(app):
+    """Issue 19, item 2: a connection lost while an ``acks_late`` task's
+    SUCCESS is being written. The task is no longer active, but its message
+    is un-acked until the write lands: the new connection must keep it
+    (``adopt``'s running deliveries), not give it back to the queue, where it
+    was received again and ran a second time right after its result landed."""
+    ran = []
+
+    @app.task(name=f"t.late{uuid.uuid4().hex[:6]}", acks_late=True, shared=False)
+    def late(n):
+        ran.append(n)
+
+    stores = []
+
+    def store_for(app_, backend):
+        stores.append(DeferringStore(backend))
+        return stores[-1]
+
+    consumer, pool, thread = start_consumer(app, store_for, pool_size=1)
+    try:
+        late.delay(1)
+        assert wait_for(lambda: ran == [1] and len(stores[-1].writes) == 1)
+        assert wait_for(lambda: not consumer.active and consumer.has_work())
+        handed = []
+
+        def adopt(owed, running):
+            handed.extend(running)
+            return {delivery.handle.delivery_tag for delivery in running}
+
+        consumer.broker.adopt = adopt
+        consumer._adopt({"held": [], "acks": [], "requeues": []})
+        assert [d.handle.delivery_tag for d in handed] == [
+            r.delivery.handle.delivery_tag for r in consumer._awaiting_write.values()]
+        assert len(handed) == 1
+        stores[-1].writes[0].set_result(None)
+        assert wait_for(lambda: consumer.processed == 1 and not consumer._awaiting_write)
+    finally:
+        consumer.should_stop = True
+        thread.join(5)
+        pool.stop()
+
+
 def test_revoke_never_marks_a_success_still_being_written(app):
     """A ``revoke`` read while a finished task's SUCCESS write (group commit) is
     in flight must not store REVOKED: the backend still says PENDING, and
