@@ -39,7 +39,11 @@ def run_once(kind: str, args: argparse.Namespace) -> float:
     import redis
 
     queue = f"bench-{uuid.uuid4().hex[:8]}"
-    env = dict(os.environ, BENCH_QUEUE=queue, PYTHONPATH=HERE,
+    # BENCH_CCWORKER_PATH: a directory holding another ``celerycompat``
+    # (e.g. ``git archive <rev> celerycompat | tar -x -C /tmp/before``) for
+    # an A/B run of two versions with ``--kinds ccworker``.
+    path = os.pathsep.join(filter(None, [os.environ.get("BENCH_CCWORKER_PATH"), HERE]))
+    env = dict(os.environ, BENCH_QUEUE=queue, PYTHONPATH=path,
                BENCH_IGNORE_RESULT="1" if args.ignore_result else "0")
     os.environ.update(env)
     sys.path.insert(0, HERE)

@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 logger = logging.getLogger("celery.backends")
@@ -208,6 +209,25 @@ def shared_writer(identity: Any,
         return writer
 
 
+#: Put on a writer's queue to wake it (an item is held: see `GroupWriter.hold`).
+_WAKE = (None, None)
+
+
+class Amendable:
+    """An item `GroupWriter.hold` keeps back until ``not_before``
+    (``time.monotonic``), and that `GroupWriter.amend` may change until then.
+
+    Why: an early ack, held when its task starts, waits a few milliseconds
+    for the task's SUCCESS to join it (riding_acks.py); a long task's ack
+    goes alone.
+    """
+
+    __slots__ = ("not_before",)
+
+    def __init__(self, not_before: float = 0.0) -> None:
+        self.not_before = not_before
+
+
 class GroupWriter:
     """One writer thread for one result store.
 
@@ -219,6 +239,13 @@ class GroupWriter:
                  name: str = "result-writer") -> None:
         self._write_batch = write_batch
         self._queue: queue.SimpleQueue[tuple[Any, Write]] = queue.SimpleQueue()
+        #: Held items by identity, oldest first (one delay for all: the first
+        #: is due first). Guarded by ``_holding``: an item is amended while
+        #: held, or was taken for writing; never both.
+        self._held: dict[int, tuple[Any, Write]] = {}
+        self._holding = threading.Lock()
+        #: The writer is waiting (or about to) with no deadline: `hold` wakes it.
+        self._idle = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -227,18 +254,69 @@ class GroupWriter:
         self._queue.put((item, write))
         return write
 
+    def hold(self, item: Amendable) -> Write:
+        """Submit ``item`` to be written at ``item.not_before`` unless amended first."""
+        write = Write()
+        with self._holding:
+            self._held[id(item)] = (item, write)
+            wake, self._idle = self._idle, False
+        if wake:
+            # The writer waits with no deadline; otherwise it wakes at the
+            # first held item's, which is due sooner (one delay for all).
+            self._queue.put(_WAKE)
+        return write
+
+    def amend(self, item: Amendable, change: Callable[[Amendable], None]) -> bool:
+        """Apply ``change`` to a held ``item`` and write it now (True); False:
+        it is being written or written already."""
+        with self._holding:
+            entry = self._held.pop(id(item), None)  # held items are alive: ids are theirs
+            if entry is None:
+                return False
+            change(item)
+        self._queue.put(entry)
+        return True
+
     def _run(self) -> None:
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < BATCH_MAX:
+            with self._holding:
+                timeout = None
+                if self._held:
+                    first = next(iter(self._held.values()))[0]
+                    timeout = max(0.0, first.not_before - time.monotonic())
+                self._idle = timeout is None
+            try:
+                incoming = [self._queue.get(timeout=timeout)]
+            except queue.Empty:
+                incoming = []
+            while len(incoming) < BATCH_MAX:
                 try:
-                    batch.append(self._queue.get_nowait())
+                    incoming.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                errors = self._write_batch([item for item, _ in batch])
-            except BaseException as exc:  # the whole batch failed
-                logger.error("Could not store %d results: %r", len(batch), exc)
-                errors = [exc] * len(batch)
-            for (_, write), error in zip(batch, errors):
-                write.finish(error)
+            batch = [*self._due(), *(entry for entry in incoming if entry is not _WAKE)]
+            if batch:
+                self._write(batch)
+
+    def _due(self) -> list[tuple[Any, Write]]:
+        """Held items whose time has come, taken out of ``_held``."""
+        now = time.monotonic()
+        due: list[tuple[Any, Write]] = []
+        with self._holding:
+            held = self._held
+            while held:
+                key, entry = next(iter(held.items()))
+                if entry[0].not_before > now:
+                    break
+                del held[key]
+                due.append(entry)
+        return due
+
+    def _write(self, batch: list[tuple[Any, Write]]) -> None:
+        try:
+            errors = self._write_batch([item for item, _ in batch])
+        except BaseException as exc:  # the whole batch failed
+            logger.error("Could not store %d results: %r", len(batch), exc)
+            errors = [exc] * len(batch)
+        for (_, write), error in zip(batch, errors):
+            write.finish(error)

@@ -105,6 +105,24 @@ class Broker(Protocol):
     def ack(self, delivery: Delivery) -> None:
         """Acknowledge: the broker forgets the message."""
 
+    #: The Redis server acks are made on (`riding_acks.server_of`), for a
+    #: broker whose acks a result store on that server can make itself;
+    #: None for the others.
+    ack_server: tuple | None
+
+    def ack_ticket(self, delivery: Delivery, early: bool) -> Any:
+        """An `AckTicket` for a result store to ack ``delivery`` with the
+        task's result (backends/riding_acks.py); None if ``ack_server`` is."""
+
+    def hand_over(self, delivery: Delivery) -> None:
+        """An early-ack message with a ticket: its run acks it, so it stops
+        counting against the prefetch window now; `ack` still follows."""
+
+    def flush(self) -> None:
+        """Send now the acks owed (a broker that batches them for its next
+        poll): an ``acks_late`` result has just been stored, and until its
+        ack lands a killed worker runs the task again."""
+
     def reject(self, delivery: Delivery, requeue: bool) -> None:
         """Reject: drop the message, or give it back to the queue."""
 

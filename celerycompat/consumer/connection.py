@@ -10,6 +10,9 @@ socket would block, Celery #9705), the requests held for it are dropped
 connection are let go, and a new connection is made; on native Redis the
 new adapter adopts what the lost one still owed (`Broker.abandon` /
 ``adopt``), so a running task's message is not restored and run twice.
+Shutdown lets go of the connection too: warm, the held messages go back
+(``stop_consuming``); cold, copies of the running early-acked ones are
+published (``return_running``).
 
 These are the `Consumer`'s methods (a mixin, as consumer/announce.py's):
 what they use of it is listed on `ConnectionLifecycle`.
@@ -64,7 +67,9 @@ class ConnectionLifecycle:
     ``control``, ``mingle``, ``dispatcher``), the held requests
     it drops (``reserved``, ``_eta``, ``rate_limits``) and the running ones
     it hands over (``active``, and ``_awaiting_write``: finished, their
-    SUCCESS still being written), and ``on_delivery``, ``_qos_value``,
+    SUCCESS still being written), ``store`` (whether acks can ride with its
+    writes: ``_ack_tickets``), the shutdown's ``stop_consuming`` and
+    ``return_running``, and ``on_delivery``, ``_qos_value``,
     ``_fetch_room``, ``disable_prefetch``, ``_cancel_unackable``.
     """
 
@@ -85,6 +90,8 @@ class ConnectionLifecycle:
     rate_limits: Any
     active: dict
     _awaiting_write: dict
+    store: Any
+    _ack_tickets: str | None
     disable_prefetch: bool
 
     if TYPE_CHECKING:  # the consumer's, used here
@@ -98,6 +105,12 @@ class ConnectionLifecycle:
             ...
 
         def _cancel_unackable(self) -> None:
+            ...
+
+        def _ack(self, request: Any) -> None:
+            ...
+
+        def _reject(self, request: Any, requeue: bool) -> None:
             ...
 
     def connect(self, first: bool = False) -> None:
@@ -147,6 +160,17 @@ class ConnectionLifecycle:
                 broker.limit_fetch(self._fetch_room())
             broker.consume(self.queues, self.on_delivery)
             self.broker = broker
+            carries = getattr(self.store, "carries_acks_from", None)
+            if carries is not None and carries(broker.ack_server):
+                self._ack_tickets = "ride"
+            elif broker.ack_server is not None and getattr(self.store, "defers_success", False):
+                # Native Redis path, results elsewhere. Not on RabbitMQ: a
+                # held early ack is lost with its channel and the task runs
+                # again (measured: more duplicates than Celery after
+                # connection closes); Redis tags outlive connections.
+                self._ack_tickets = "notice"
+            else:
+                self._ack_tickets = None
             # Gossip, native delayed delivery and the project's consumer
             # steps (project_steps.py) start here; a connection error in them is
             # a connection lost while setting up, as in Celery.
@@ -217,6 +241,52 @@ class ConnectionLifecycle:
         for request in running:
             if request.delivery.handle.delivery_tag in kept:
                 request.generation = self.generation
+
+    def stop_consuming(self) -> None:
+        """Warm shutdown: no new deliveries; reserved and held messages go back (G9).
+
+        Deliveries stop first, or the broker would hand the returned
+        messages straight back to this worker.
+        """
+        self.should_stop = True
+        if self.broker is not None:
+            try:
+                self.broker.cancel()
+            except self._connection_errors():
+                pass
+        dropped = list(self.reserved) + [entry[2] for entry in self._eta]
+        if self.rate_limits is not None:
+            dropped += self.rate_limits.clear()
+        self.reserved.clear()
+        self._eta.clear()
+        for request in dropped:
+            self._reject(request, requeue=True)
+
+    def return_running(self) -> None:
+        """Cold shutdown: running tasks will not finish here; their messages go back.
+
+        acks_late messages were never acked and return with the connection.
+        Early-acked ones are gone from the broker, so a copy is published
+        where the original was sent: the task runs again elsewhere
+        (at-least-once) instead of vanishing (Celery stores RETRY and never
+        runs it, B37).
+        """
+        if self.broker is None:
+            return
+        for request in list(self.active.values()):
+            if request.ack_rides and not request.terminated:
+                # Acked by its run, or about to be: ack it here too, so the
+                # copy below is the only one left.
+                self._ack(request)
+            if not request.acked or request.ack_pending or request.terminated:
+                continue
+            try:
+                self.broker.republish(request.delivery)
+                logger.warning("Cold shutdown: task %s[%s] was running; its message was "
+                               "returned to the queue", request.name, request.id)
+            except Exception:
+                logger.exception("Cold shutdown: could not return task %s[%s] to the queue",
+                                 request.name, request.id)
 
     def _give_up(self) -> None:
         """No more retrying: the worker stops (warm) and exits with 1, as Celery's."""

@@ -27,6 +27,7 @@ from celery.utils.collections import LimitedSet
 from celery.utils.saferepr import saferepr
 from kombu.exceptions import ContentDisallowed
 
+from celerycompat.backends import riding_acks
 from celerycompat.celery_release import redelivered_default
 from celerycompat.celery_release import setting as release_setting
 from celerycompat.consumer.announce import Announcements
@@ -106,6 +107,15 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         #: ``acks_late`` one is un-acked until the write lands), so a new
         #: connection must keep them as it keeps running ones (`_adopt`).
         self._awaiting_write: dict[int, Request] = {}
+        #: How runs take part in acks (backends/riding_acks.py), per
+        #: connection: "ride" (the result store acks, same Redis server),
+        #: "notice" (results deferred: the run says when an early ack is
+        #: due) or None.
+        self._ack_tickets: str | None = None
+        self._noticed: dict[int, Request] = {}
+        #: Acks were made this turn for results that just landed (`Settling`).
+        self._acks_after_writes = False
+        riding_acks.on_ack_due(self._ack_due)
         self.should_stop = False
         #: Set to 1 when the consumer gave up on the broker (retrying off or
         #: used up): the worker stops and exits with it, as Celery's does.
@@ -411,7 +421,9 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         request.pid_lookup = self.pool.pid_for
         self.active[id(request)] = request
         self.total_count[request.message.name] += 1
-        if not request.acks_late:
+        if self._ack_tickets and getattr(request.task, "_backend", None) is None:
+            self._hand_ack_to_run(request)
+        if not request.acks_late and not request.ack_rides:
             if self.pool.runs_inline:
                 # Celery queues the early ack for its next loop turn, which a
                 # solo pool reaches only after the task: the message stays
@@ -440,48 +452,6 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
                 pass
 
     # -- shutdown ------------------------------------------------------------------
-
-    def stop_consuming(self) -> None:
-        """Warm shutdown: no new deliveries; reserved and held messages go back (G9).
-
-        Deliveries stop first, or the broker would hand the returned
-        messages straight back to this worker.
-        """
-        self.should_stop = True
-        if self.broker is not None:
-            try:
-                self.broker.cancel()
-            except self._connection_errors():
-                pass
-        dropped = list(self.reserved) + [entry[2] for entry in self._eta]
-        if self.rate_limits is not None:
-            dropped += self.rate_limits.clear()
-        self.reserved.clear()
-        self._eta.clear()
-        for request in dropped:
-            self._reject(request, requeue=True)
-
-    def return_running(self) -> None:
-        """Cold shutdown: running tasks will not finish here; their messages go back.
-
-        acks_late messages were never acked and return with the connection.
-        Early-acked ones are gone from the broker, so a copy is published
-        where the original was sent: the task runs again elsewhere
-        (at-least-once) instead of vanishing (Celery stores RETRY and never
-        runs it, B37).
-        """
-        if self.broker is None:
-            return
-        for request in list(self.active.values()):
-            if not request.acked or request.ack_pending or request.terminated:
-                continue
-            try:
-                self.broker.republish(request.delivery)
-                logger.warning("Cold shutdown: task %s[%s] was running; its message was "
-                               "returned to the queue", request.name, request.id)
-            except Exception:
-                logger.exception("Cold shutdown: could not return task %s[%s] to the queue",
-                                 request.name, request.id)
 
     def close(self) -> None:
         if self.control is not None:

@@ -385,6 +385,18 @@ class KombuBroker:
         """Nothing is ever owed here (`abandon` returns None): nothing is kept."""
         return set()
 
+    #: kombu's acks are channel calls: no result store can make them.
+    ack_server: tuple | None = None
+
+    def ack_ticket(self, delivery: Delivery, early: bool) -> Any:
+        return None
+
+    def hand_over(self, delivery: Delivery) -> None:
+        """Never called: there are no tickets here."""
+
+    def flush(self) -> None:
+        """Acks are sent as they are made here."""
+
     @guarded("close")
     def close(self) -> None:
         if self._lease is not None:

@@ -41,43 +41,21 @@ from typing import Any, Sequence
 
 import orjson
 from kombu import Connection
-from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 
+from celerycompat.backends.riding_acks import AckTicket, server_of
 from celerycompat.consumer.broker import Delivery, DeliveryCallback
 from celerycompat.consumer.kombu_broker import KombuBroker, to_delivery
 from celerycompat.consumer.liveness import break_sockets, guarded
 from celerycompat.consumer.redis_eligibility import expires
 from celerycompat.consumer.redis_lease import LeaseKeeper, plain_client
+from celerycompat.consumer.redis_restore import RESTORE_SCRIPT, restore_messages
 from celerycompat.consumer.redis_wait import RedisWaiting, _text
 
 logger = logging.getLogger("celery.worker.consumer.connection")
 
 FETCH_SCRIPT = resources.files("celerycompat.consumer").joinpath(
     "redis_fetch.lua").read_text()
-
-#: Give held messages back in one call: for each (tag, queue key, payload)
-#: triple, push the payload (ARGV[1] = '1': LPUSH, as kombu's requeue;
-#: otherwise RPUSH, as kombu's restore at close) only if this call removed
-#: the tag from ``unacked`` (so a message is never pushed twice), and drop
-#: the tag from ``unacked_index``. KEYS = unacked, unacked_index.
-RESTORE_SCRIPT = """
-local push = ARGV[1] == '1' and 'LPUSH' or 'RPUSH'
-local removed = {}
-for i = 2, #ARGV, 3 do
-    local tag = ARGV[i]
-    if removed[tag] == nil then
-        removed[tag] = redis.call('HDEL', KEYS[1], tag)
-        redis.call('ZREM', KEYS[2], tag)
-    end
-    if removed[tag] == 1 then
-        redis.call(push, ARGV[i + 1], ARGV[i + 2])
-    end
-end
-return 0
-"""
-#: Tags per restore call.
-RESTORE_CHUNK = 500
 
 #: Messages fetched at most per script call when prefetch is unlimited.
 UNLIMITED_BATCH = 100
@@ -97,6 +75,9 @@ class RedisBroker(RedisWaiting, KombuBroker):
         self._rotation = 0
         #: Delivery tags handed to the consumer and not settled yet.
         self._held: dict[str, None] = {}
+        #: Tags of running early-ack tasks whose ack their run makes
+        #: (`hand_over`): not prefetched any more, still acked at settle.
+        self._ridden: dict[str, None] = {}
         self._acks: list[str] = []
         #: When the oldest pending ack must go even if no fetch does.
         self._acks_due = 0.0
@@ -118,6 +99,8 @@ class RedisBroker(RedisWaiting, KombuBroker):
         self._waiters: dict[str, Any] = {}
         self._waiting: dict[str, float] = {}  # key -> when its BLMOVE went out
         self._brpop_keys: dict[str, str] = {}
+        self.ack_server: tuple | None = None  # known once consuming
+        self._db = 0
 
     # -- setup -------------------------------------------------------------
 
@@ -136,11 +119,13 @@ class RedisBroker(RedisWaiting, KombuBroker):
         version = _server_version(self._client)
         self._fractional_timeout = version >= (6, 0)
         self._rotate_wait = version >= (6, 2)
+        self.ack_server = server_of(self._client)
+        self._db = int(self._client.connection_pool.connection_kwargs.get("db") or 0)
         self._fetch = self._client.register_script(FETCH_SCRIPT)
         self._restore = self._client.register_script(RESTORE_SCRIPT)
         self._lease = LeaseKeeper(self._client, self._unacked_index,
                                   channel.visibility_timeout)
-        self._lease.start(lambda: self._held)
+        self._lease.start(lambda: [*self._held, *self._ridden])
         # Dead workers' messages are looked for as kombu's event loop does:
         # a call every ``unacked_restore_interval`` s, a scan every
         # ``unacked_restore_throttle``-th call.
@@ -284,9 +269,25 @@ class RedisBroker(RedisWaiting, KombuBroker):
 
     # -- settling ------------------------------------------------------------
 
-    def ack(self, delivery: Delivery) -> None:
+    def ack_ticket(self, delivery: Delivery, early: bool) -> AckTicket | None:
+        """The ack as a result store on the same server can make it: the tag
+        is a key of kombu's ``unacked`` hash, valid on any connection."""
+        if self.ack_server is None:
+            return None
+        return AckTicket(self.ack_server, self._db, self._unacked, self._unacked_index,
+                         delivery.handle.delivery_tag, early)
+
+    def hand_over(self, delivery: Delivery) -> None:
+        """The run acks this early-ack message (`ack_ticket`): it leaves the
+        prefetch count now, as an acked one does; the consumer's `ack` at
+        settle still follows (removing a removed tag is a no-op)."""
         tag = delivery.handle.delivery_tag
         if self._held.pop(tag, 0) is None:
+            self._ridden[tag] = None
+
+    def ack(self, delivery: Delivery) -> None:
+        tag = delivery.handle.delivery_tag
+        if self._held.pop(tag, 0) is None or self._ridden.pop(tag, 0) is None:
             self._owe_ack(tag)
 
     def reject(self, delivery: Delivery, requeue: bool) -> None:
@@ -302,6 +303,9 @@ class RedisBroker(RedisWaiting, KombuBroker):
         if not self._acks:
             self._acks_due = time.monotonic() + ACK_DELAY
         self._acks.append(tag)
+
+    def flush(self) -> None:
+        self._flush_acks()
 
     def _flush_requeues(self) -> None:
         if self._requeues:
@@ -331,29 +335,9 @@ class RedisBroker(RedisWaiting, KombuBroker):
             raise
 
     def restore(self, tags: Sequence[str], leftmost: bool) -> None:
-        """Put held messages back where they were published, as kombu's
-        ``restore_by_tag`` does (marked redelivered, routed through the
-        exchange's bindings, priority list kept), in chunks of one round trip
-        to read and one to write."""
-        channel = self._channel
-        for start in range(0, len(tags), RESTORE_CHUNK):
-            chunk = tags[start:start + RESTORE_CHUNK]
-            args: list[Any] = ["1" if leftmost else "0"]
-            for tag, stored in zip(chunk, self._client.hmget(self._unacked, chunk)):
-                if stored is None:
-                    continue  # acked, or restored by someone else already
-                try:
-                    payload, exchange, routing_key = kombu_loads(stored)
-                    _mark_redelivered(payload)
-                    priority = channel._get_message_priority(payload, reverse=False)
-                    for queue in channel._lookup(exchange, routing_key):
-                        args += [tag, self._prefix + channel._q_for_pri(queue, priority),
-                                 kombu_dumps(payload)]
-                except Exception:
-                    logger.critical("Could not restore message: %.200r", stored, exc_info=True)
-            if len(args) > 1:
-                self._restore(keys=[self._unacked, self._unacked_index], args=args,
-                              client=self._client)
+        """Put held messages back where they were published (redis_restore.py)."""
+        restore_messages(self._client, self._channel, self._prefix, self._unacked,
+                         self._unacked_index, self._restore, tags, leftmost)
 
     # -- stopping ------------------------------------------------------------
 
@@ -408,8 +392,8 @@ class RedisBroker(RedisWaiting, KombuBroker):
         """
         self.break_connection()
         owed = {"acks": list(self._acks), "requeues": list(self._requeues),
-                "held": list(self._held)}
-        self._acks, self._requeues, self._held = [], [], {}
+                "held": [*self._held, *self._ridden], "ridden": list(self._ridden)}
+        self._acks, self._requeues, self._held, self._ridden = [], [], {}, {}
         self._consuming = False
         self._brpop_sent_at = None
         self._blocking = None  # its socket is shut: never read again
@@ -428,17 +412,24 @@ class RedisBroker(RedisWaiting, KombuBroker):
         not after ``visibility_timeout``. Returns the tags now held here.
         """
         lost = set(owed["held"])
+        ridden = set(owed.get("ridden", ()))
         kept = {delivery.handle.delivery_tag for delivery in running} & lost
         for tag in kept:
-            self._held[tag] = None
+            if tag in ridden:
+                self._ridden[tag] = None
+            else:
+                self._held[tag] = None
         if kept and self._lease is not None:
             # Their lease went unrefreshed while the connection was down:
             # renew it before any restore (ours included) finds it stale.
             self._lease.refresh(kept)
         self._acks.extend(owed["acks"])
+        # An early-acked message is never given back, even if its task is over.
+        self._acks.extend(tag for tag in ridden if tag not in kept)
         self._requeues.extend(owed["requeues"])
         self._flush_acks()
-        self.restore([tag for tag in owed["held"] if tag not in kept], leftmost=False)
+        self.restore([tag for tag in owed["held"] if tag not in kept and tag not in ridden],
+                     leftmost=False)
         return kept
 
     def _drop_blocking(self) -> None:
@@ -471,15 +462,6 @@ def _server_version(client: Any) -> tuple[int, ...]:
                        "as kombu does; a message popped at the instant of a crash can be "
                        "lost (BLMOVE needs Redis >= 6.2)", why)
     return parsed
-
-
-def _mark_redelivered(payload: dict) -> None:
-    """What kombu sets on a restored message (``_do_restore_message``)."""
-    try:
-        payload["headers"]["redelivered"] = True
-        payload["properties"]["delivery_info"]["redelivered"] = True
-    except (KeyError, TypeError):
-        pass
 
 
 def _loads(raw: bytes) -> Any:

@@ -73,7 +73,11 @@ class Request:
     generation: int
     acked: bool = False
     ack_pending: bool = False
-    """Counted as acked, but the broker ack is sent once the task is over (solo)."""
+    """Counted as acked, but the broker ack is sent once the task is over (solo),
+    or once its result is written (``ack_rides``)."""
+    ack_rides: bool = False
+    """Its early ack is made by the run, with the result where it can be
+    (backends/riding_acks.py); the consumer's own ack follows the result."""
     time_start: float | None = None
     context: Any = field(default=None, repr=False)
     pid_lookup: Callable[[str], Any] | None = field(default=None, repr=False)

@@ -22,6 +22,7 @@ import queue
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from celerycompat.backends.riding_acks import AckTicket
 from celerycompat.consumer.broker import Delivery
 from celerycompat.consumer.request import Request
 from celerycompat.execution.outcome import Outcome, Settle, settle
@@ -32,12 +33,25 @@ request_logger = logging.getLogger("celery.worker.request")
 _MISSING = object()
 
 
+class AckDue:
+    """On the ``_done`` queue: a run says the early ack of the request with
+    this key (``id(request)``) is due (backends/riding_acks.py, notice
+    tickets): the task is still running, so no deferred SUCCESS can be left
+    behind the ack."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+
+
 class Settling:
     """The `Consumer`'s settling (module docstring).
 
     What it uses of the consumer: ``_done`` (outcomes from the pool),
     ``_writing`` (ids whose SUCCESS write is in flight) and
-    ``_awaiting_write`` (those requests), ``active``,
+    ``_awaiting_write`` (those requests), ``_noticed`` (requests whose
+    run will say when their early ack is due), ``active``,
     ``processed``, ``generation``, ``broker``, ``observers``, ``app`` and
     ``_connection_errors``.
     """
@@ -51,6 +65,9 @@ class Settling:
     _done: queue.SimpleQueue
     _writing: Counter
     _awaiting_write: dict
+    _noticed: dict
+    _acks_after_writes: bool
+    _ack_tickets: str | None
 
     if TYPE_CHECKING:  # the consumer's, used here
         def _connection_errors(self) -> tuple[type[BaseException], ...]:
@@ -69,29 +86,49 @@ class Settling:
             try:
                 item = self._done.get_nowait()
             except queue.Empty:
-                return
+                break
             self._settle_item(item)
+        if self._acks_after_writes:
+            # Acks that follow stored results go now, not with the next
+            # fetch: a worker killed in between would run those tasks again
+            # (issue 19). One round trip for all of this turn's.
+            self._acks_after_writes = False
+            if self.broker is not None:
+                try:
+                    self.broker.flush()
+                except self._connection_errors():
+                    logger.exception("Couldn't send acks")
 
-    def _settle_item(self, item: tuple) -> None:
-        """An outcome from a pool, or (with its write's future) one whose
-        deferred SUCCESS write has just finished."""
-        if len(item) == 3:
+    def _settle_item(self, item: Any) -> None:
+        """An outcome from a pool, (with its write's future) one whose
+        deferred SUCCESS write has just finished, or an `AckDue`."""
+        if type(item) is AckDue:
+            request = self._noticed.pop(item.key, None)
+            if request is not None and request.ack_pending:
+                self._ack(request)
+        elif len(item) == 3:
             request, outcome, durable = item
             self._writing[request.id] -= 1
             if self._writing[request.id] <= 0:
                 del self._writing[request.id]
             self._awaiting_write.pop(id(request), None)
             self._settle_written(request, self._after_write(request, outcome, durable))
+            ticket = request.message.ack_ticket
+            if ticket is None or ticket.server is None:
+                # Not acked with the result (riding_acks.py): ack soon.
+                self._acks_after_writes = True
         else:
             self._settle(*item)
 
     def _settle(self, request: Request, outcome: Outcome) -> None:
         self.active.pop(id(request), None)
+        if request.ack_rides:
+            self._noticed.pop(id(request), None)
         if request.terminated:
             # Announced (REVOKED, acked) when it was terminated; now its slot is free.
             self.processed += 1
             return
-        if request.ack_pending:
+        if request.ack_pending and not request.ack_rides:
             # solo's early ack, which Celery sends once the task is over.
             request.ack_pending = False
             self._send_ack(request)
@@ -123,6 +160,11 @@ class Settling:
 
     def _settle_written(self, request: Request, outcome: Outcome) -> None:
         self.processed += 1
+        if request.ack_pending:
+            # An early ack the run made (riding_acks.py): ours, after the
+            # result, makes sure of it (removing a removed tag is a no-op).
+            request.ack_pending = False
+            self._send_ack(request)
         decision = settle(
             outcome,
             acks_late=request.acks_late,
@@ -136,6 +178,35 @@ class Settling:
             self._reject(request, requeue=True)
         self.observers.finished(request, outcome, decision)
 
+    def _hand_ack_to_run(self, request: Request) -> None:
+        """Let the run's result store make this message's ack, in the same
+        script call as the task's SUCCESS where it can (backends/riding_acks.py).
+
+        An early ack then goes from the run when the task starts (or with its
+        SUCCESS, if that comes within a few milliseconds), not from here: the
+        consumer's own ack follows once the result is written (``ack_pending``,
+        `Settling._settle_written`), so a result is never left deferred
+        behind an ack that has landed.
+        """
+        early = not request.acks_late
+        if self._ack_tickets == "ride":
+            request.message.ack_ticket = self.broker.ack_ticket(request.delivery, early)
+            if early:
+                self.broker.hand_over(request.delivery)
+        elif early:
+            # The broker's acks are ours to send: the run tells us when the
+            # early ack is due (riding_acks.ack_due -> `_ack_due`).
+            request.message.ack_ticket = AckTicket(None, 0, "", "", id(request), True)
+            self._noticed[id(request)] = request
+        else:
+            return
+        if early:
+            request.acked = request.ack_pending = request.ack_rides = True
+
+    def _ack_due(self, key: int) -> None:
+        """From any thread: a run's early ack is due (riding_acks.ack_due)."""
+        self._done.put(AckDue(key))
+
     def _acks_on_failure_or_timeout(self, task: Any) -> bool:
         # A bound task carries the setting; the app's configuration is only
         # read for one that does not (reading it costs more than settling).
@@ -145,9 +216,10 @@ class Settling:
         return bool(value)
 
     def _ack(self, request: Request) -> None:
-        if request.acked:
+        if request.acked and not request.ack_pending:
             return
         request.acked = True
+        request.ack_pending = False
         self._send_ack(request)
 
     def _send_ack(self, request: Request) -> None:

@@ -34,7 +34,7 @@ from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_etype, get_pickleable_exception
 from kombu.exceptions import EncodeError, OperationalError
 
-from celerycompat.backends import group_commit
+from celerycompat.backends import group_commit, riding_acks
 from celerycompat.celery_release import get_actual_ignore_result, reject_fails_task
 from celerycompat.execution.context import build_context, request_dict
 from celerycompat.execution.dedupe import Deduplicator
@@ -140,7 +140,19 @@ class TaskRunner:
         A SUCCESS write the store deferred (group commit) comes back as
         ``outcome.durable``: the consumer settles the message once it is done.
         """
-        outcome = self._run(task, message)
+        ticket = message.ack_ticket
+        if ticket is None:
+            outcome = self._run(task, message)
+        else:
+            # Before anything of the run: Celery acks an early-ack message
+            # before the task starts (backends/riding_acks.py).
+            ride = getattr(self.store(task), "ride", None)
+            if ride is not None:
+                ride(ticket)
+            try:
+                outcome = self._run(task, message)
+            finally:
+                riding_acks.begin(None)
         outcome.durable = group_commit.take()
         return outcome
 

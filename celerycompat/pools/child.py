@@ -42,7 +42,7 @@ from typing import Any
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
-from celerycompat.backends import group_commit
+from celerycompat.backends import group_commit, riding_acks
 from celerycompat.celery_release import process_init_sender
 from celerycompat.execution.context import own_request_class
 from celerycompat.execution.outcome import Outcome, State
@@ -325,6 +325,12 @@ class _PendingWrites:
         with self._lock:
             self._sock.sendall(frame)
 
+    def announce_ack(self, key: Any) -> None:
+        try:
+            self.send(("ack", key))
+        except OSError:
+            pass  # the parent is gone
+
     def track(self, job_no: int, write: Any) -> None:
         """Say ``written`` for ``job_no`` once ``write`` is done (``done`` was sent)."""
         self._writes[job_no] = write
@@ -387,6 +393,9 @@ def _serve(sock: Any, runner: Any, config: ChildConfig, pid: int) -> int:
     """The job loop. Returns the exit code."""
     _writes.attach(sock)
     send = _writes.send
+    # A held early ack that comes due here goes to the parent, which tells
+    # its consumer (backends/riding_acks.py, notice tickets).
+    riding_acks.on_ack_due(_writes.announce_ack)
     reader = procproto.FrameReader()
     send(("up", pid))
     completed = 0

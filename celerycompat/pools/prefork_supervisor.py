@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from billiard.exceptions import WorkerLostError
 
+from celerycompat.backends import riding_acks
 from celerycompat.backends.group_commit import Write
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
@@ -242,6 +243,8 @@ class Supervisor:
                     outcome.durable = Write()
                     child.writing[job_no] = (job, outcome.durable)
                 self._report(job.on_done, lambda: outcome, child)
+        elif kind == "ack":
+            riding_acks.ack_due(message[1])  # to the consumer (riding_acks.py)
         elif kind == "written":
             _, job_no, error = message
             pending = child.writing.pop(job_no, None)

@@ -23,6 +23,8 @@ Child -> parent::
                                                written (group commit)
     ("written", job_no, error)                 the deferred write of ``job_no`` is done
                                                (``error`` None) or failed
+    ("ack", key)                               a held early ack came due alone: the
+                                               consumer may send it (riding_acks.py)
     ("exit", job_no, code)                     the task itself raised SystemExit(code);
                                                the child exits after this
 

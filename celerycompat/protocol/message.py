@@ -132,6 +132,9 @@ class TaskMessage:
     stamps: dict[str, Any] = field(default_factory=dict)
     """Each stamped header's value (or list of values); None when ``stamps`` lacks it."""
     extra: dict[str, Any] = field(default_factory=dict)
+    ack_ticket: Any = None
+    """Not from the wire: set by the consumer when the message's ack may ride
+    with the task's result write (backends/riding_acks.py)."""
 
 
 def peek(headers: Any, body: bytes, content_type: str | None,

@@ -8,6 +8,7 @@ the TTL, the published/replied message, and ``AsyncResult.get()``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
@@ -20,8 +21,8 @@ from celery.app.task import Context
 from celery.backends.base import decompress_payload
 
 import harness
-from celerycompat.backends import AppBackendStore, result_store_for
-from celerycompat.backends.redis import RedisResultStore
+from celerycompat.backends import AppBackendStore, group_commit, result_store_for, riding_acks
+from celerycompat.backends.redis import RedisResultStore, WriteItem
 from celerycompat.backends.rpc import RPCResultStore
 
 #: The scratch db of this pytest process: every test here FLUSHes it.
@@ -171,7 +172,7 @@ def test_batched_writes_survive_a_flushed_script_cache(rdb):
 
     def batch(n):
         ids = [new_id() for _ in range(n)]
-        items = [store._prepare(tid, i, states.SUCCESS, None, request_for(tid))
+        items = [WriteItem(*store._prepare(tid, i, states.SUCCESS, None, request_for(tid)))
                  for i, tid in enumerate(ids)]
         assert store._write_many(items) == [None] * n
         return [app.AsyncResult(tid).result for tid in ids]
@@ -181,9 +182,82 @@ def test_batched_writes_survive_a_flushed_script_cache(rdb):
     assert batch(2) == [0, 1]
     # SUCCESS stays sticky on the pipelined path too.
     tid = new_id()
-    store._write_many([store._prepare(tid, "first", states.SUCCESS, None, request_for(tid))])
-    store._write_many([store._prepare(tid, {"pid": 1}, states.STARTED, None, request_for(tid))])
+    store._write_many([WriteItem(*store._prepare(tid, "first", states.SUCCESS, None,
+                                                 request_for(tid)))])
+    store._write_many([WriteItem(*store._prepare(tid, {"pid": 1}, states.STARTED, None,
+                                                 request_for(tid)))])
     assert app.AsyncResult(tid).result == "first"
+
+
+@pytest.fixture
+def unacked():
+    """kombu's ack keys for one fake message, in the broker's database (not
+    the results'): the riding ack must SELECT it."""
+    client = redis.Redis.from_url(harness.redis_db_url(harness.BROKER_DB))
+    keys = (f"unacked.{new_id()}", f"unacked_index.{new_id()}")
+    tag = new_id()
+    client.hset(keys[0], tag, b"[{}, \"\", \"celery\"]")
+    client.zadd(keys[1], {tag: time.time()})
+    yield client, keys, tag
+    client.delete(*keys)
+    client.close()
+
+
+@contextlib.contextmanager
+def riding(store, keys, tag, early):
+    """A run of ``store`` holding an ack ticket, group commit on."""
+    group_commit.enable()
+    try:
+        store.ride(riding_acks.AckTicket(store._server, harness.BROKER_DB, keys[0], keys[1],
+                                         tag, early))
+        yield
+    finally:
+        riding_acks.begin(None)
+        group_commit.disable()
+
+
+@pytest.mark.parametrize("early", [False, True])
+def test_an_ack_rides_with_the_success_write(rdb, unacked, early):
+    """Issue 19: where broker and results share a Redis server, a deferred
+    SUCCESS and its message's ack are one script call (both or neither), for
+    an acks_late task and for an early ack not sent yet."""
+    client, keys, tag = unacked
+    app = redis_app()
+    store = result_store_for(app)
+    tid = new_id()
+    with riding(store, keys, tag, early):
+        store.mark_as_done(tid, 5, request_for(tid))
+        write = group_commit.take()
+    assert write is not None  # deferred, with the ack
+    assert write.exception(timeout=5) is None
+    assert app.AsyncResult(tid).result == 5
+    assert client.hlen(keys[0]) == 0 and client.zcard(keys[1]) == 0
+
+
+def test_a_sent_early_ack_makes_the_success_synchronous(rdb, unacked):
+    """An early ack that went out alone (a task longer than the hold) leaves
+    the SUCCESS nothing to ride with: it is written before the slot is free,
+    so no acked message waits for a deferred result."""
+    client, keys, tag = unacked
+    app = redis_app()
+    store = result_store_for(app)
+    tid = new_id()
+    with riding(store, keys, tag, early=True):
+        riding_acks.current().write.exception(timeout=5)  # the ack went alone
+        assert client.hlen(keys[0]) == 0
+        store.mark_as_done(tid, 6, request_for(tid))
+        assert group_commit.take() is None  # not deferred
+    assert app.AsyncResult(tid).result == 6
+
+
+def test_no_ack_rides_to_another_server(rdb, unacked):
+    client, keys, tag = unacked
+    store = result_store_for(redis_app())
+    ticket = riding_acks.AckTicket(("elsewhere", 6379, None, None), harness.BROKER_DB,
+                                   keys[0], keys[1], tag, True)
+    store.ride(ticket)
+    assert riding_acks.current() is None
+    assert client.hlen(keys[0]) == 1
 
 
 def test_sticky_check_reads_payloads_lua_cannot(rdb):

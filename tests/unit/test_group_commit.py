@@ -107,6 +107,41 @@ def test_writer_survives_a_batch_that_raises():
     assert writer.submit(2).exception(timeout=5) is None
 
 
+class Held(group_commit.Amendable):
+    __slots__ = ("value",)
+
+    def __init__(self, value, not_before=0.0):
+        super().__init__(not_before)
+        self.value = value
+
+
+def test_an_amendable_item_waits_until_due_and_an_amendment_sends_it_at_once():
+    """An early ack waits for its SUCCESS to join it (riding_acks.py): held
+    until ``not_before``; amended before the writer took it, it goes at once
+    with the change; once taken, an amendment is refused."""
+    batches: list[list] = []
+
+    def write_batch(items):
+        batches.append([item.value if isinstance(item, Held) else item for item in items])
+        return [None] * len(items)
+
+    writer = group_commit.GroupWriter(write_batch)
+    joined = Held("ack-1", not_before=time.monotonic() + 5)
+    joined_write = writer.hold(joined)
+    plain = writer.submit("result-2")  # not amendable: goes at once
+    assert plain.exception(timeout=5) is None
+    assert not joined_write.done()
+    assert writer.amend(joined, lambda item: setattr(item, "value", "ack-1+result-1"))
+    assert joined_write.exception(timeout=1) is None
+    assert ["ack-1+result-1"] in batches and ["result-2"] in batches
+
+    alone = Held("ack-3", not_before=time.monotonic() + 0.05)
+    alone_write = writer.hold(alone)
+    assert alone_write.exception(timeout=5) is None  # due: went alone
+    assert not writer.amend(alone, lambda item: setattr(item, "value", "late"))
+    assert batches[-1] == ["ack-3"]
+
+
 def test_outcome_after_write():
     outcome = Outcome(State.SUCCESS, 42, runtime=0.1)
     ok: Future = Future()

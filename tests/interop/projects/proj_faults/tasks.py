@@ -2,7 +2,8 @@
 
 Each run of ``late`` (``acks_late``) or ``early`` (early ack, Celery's
 default) increments ``<key>.runs`` field ``<task id>:<attempt>`` when it
-starts (and notes the time on ``<key>.starts``), and pushes a JSON line
+starts (and notes the time on ``<key>.starts``; and on ``<key>.after_success``
+if the task's SUCCESS was stored already), and pushes a JSON line
 onto ``<key>.done`` when it ends: a field
 above 1 is a message delivered more than once, never a publisher's retry
 (each publish attempt carries its own ``attempt``). Both live in the Redis
@@ -24,6 +25,10 @@ def _run(task, key, attempt, sent_at, seconds):
     field = f"{task.request.id}:{attempt}"
     started = time.time()
     _records.hincrby(f"{key}.runs", field, 1)
+    if _result_stored(task):
+        # The worst duplicate: the task completed, its client saw SUCCESS,
+        # and its message came back anyway (the ack was lost).
+        _records.hincrby(f"{key}.after_success", field, 1)
     _records.rpush(f"{key}.starts", json.dumps({"field": field, "started": started}))
     if seconds:
         time.sleep(seconds)
@@ -33,6 +38,12 @@ def _run(task, key, attempt, sent_at, seconds):
         "redelivered": bool(task.request.delivery_info.get("redelivered")),
     }))
     return attempt
+
+
+def _result_stored(task):
+    backend = task.backend
+    stored = backend.client.get(backend.get_key_for_task(task.request.id))
+    return bool(stored) and backend.decode(stored).get("status") == "SUCCESS"
 
 
 @app.task(bind=True, acks_late=True)
