@@ -113,8 +113,8 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         #: due) or None.
         self._ack_tickets: str | None = None
         self._noticed: dict[int, Request] = {}
-        #: Acks were made this turn for results that just landed (`Settling`).
-        self._acks_after_writes = False
+        #: Acks made this turn that must not wait for the next fetch (`Settling`).
+        self._acks_urgent = False
         riding_acks.on_ack_due(self._ack_due)
         self.should_stop = False
         #: Set to 1 when the consumer gave up on the broker (retrying off or

@@ -66,7 +66,7 @@ class Settling:
     _writing: Counter
     _awaiting_write: dict
     _noticed: dict
-    _acks_after_writes: bool
+    _acks_urgent: bool
     _ack_tickets: str | None
 
     if TYPE_CHECKING:  # the consumer's, used here
@@ -88,11 +88,12 @@ class Settling:
             except queue.Empty:
                 break
             self._settle_item(item)
-        if self._acks_after_writes:
-            # Acks that follow stored results go now, not with the next
-            # fetch: a worker killed in between would run those tasks again
-            # (issue 19). One round trip for all of this turn's.
-            self._acks_after_writes = False
+        if self._acks_urgent:
+            # Acks that follow stored results (or early acks a run held
+            # back) go now, not with the next fetch: a worker killed in
+            # between would run those tasks again (issue 19). One round
+            # trip for all of this turn's.
+            self._acks_urgent = False
             if self.broker is not None:
                 try:
                     self.broker.flush()
@@ -106,6 +107,7 @@ class Settling:
             request = self._noticed.pop(item.key, None)
             if request is not None and request.ack_pending:
                 self._ack(request)
+                self._acks_urgent = True  # an early ack already held back
         elif len(item) == 3:
             request, outcome, durable = item
             self._writing[request.id] -= 1
@@ -116,7 +118,7 @@ class Settling:
             ticket = request.message.ack_ticket
             if ticket is None or ticket.server is None:
                 # Not acked with the result (riding_acks.py): ack soon.
-                self._acks_after_writes = True
+                self._acks_urgent = True
         else:
             self._settle(*item)
 
