@@ -28,6 +28,8 @@ import sys
 import time
 import uuid
 
+from proctree import cpu_seconds_at_exit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMANDS = {
     "celery": [sys.executable, "-m", "celery", "-A", "bench_proj", "worker"],
@@ -72,25 +74,11 @@ def run_once(kind: str, args: argparse.Namespace) -> float:
         return time.monotonic() - started
     finally:
         worker.send_signal(signal.SIGTERM)
-        CPU[kind].append(_cpu_seconds(worker, 30) / args.tasks * 1e6)
+        CPU[kind].append(cpu_seconds_at_exit(worker, 30) / args.tasks * 1e6)
 
 
 #: CPU microseconds per task of each run, by kind.
 CPU: dict[str, list[float]] = {kind: [] for kind in COMMANDS}
-
-
-def _cpu_seconds(worker: subprocess.Popen, timeout: float) -> float:
-    """Wait for ``worker`` to exit; the CPU its tree used (children it reaped included)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pid, status, usage = os.wait4(worker.pid, os.WNOHANG)
-        if pid:
-            worker.returncode = os.waitstatus_to_exitcode(status)
-            return usage.ru_utime + usage.ru_stime
-        time.sleep(0.02)
-    worker.kill()
-    worker.wait()
-    return float("nan")
 
 
 def main() -> int:

@@ -46,7 +46,7 @@ import uuid
 from typing import Any, Callable
 
 import redis
-from proctree import tree_rss_kib
+from proctree import cpu_seconds_at_exit, tree_rss_kib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -79,13 +79,10 @@ def start(kind: str, pool: str, concurrency: int, queue: str, env: dict,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def stop(worker: subprocess.Popen) -> None:
+def stop(worker: subprocess.Popen) -> float:
+    """Warm shutdown; returns the CPU seconds the worker's tree used."""
     worker.send_signal(signal.SIGTERM)
-    try:
-        worker.wait(60)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+    return cpu_seconds_at_exit(worker, 60)
 
 
 def tree_rss_mib(pid: int) -> float:
@@ -190,14 +187,16 @@ def drain(pool: str, concurrency: int, *, count: int, ignore_result: bool = Fals
         worker = start(kind, pool, concurrency, queue,
                        {"BENCH_BROKER": broker,
                         "BENCH_IGNORE_RESULT": "1" if ignore_result else "0"}, QUIET)
+        cpu = float("nan")
         try:
             figures = wait_drained(kind, ids, queue, worker, ignore_result, broker)
         finally:
-            stop(worker)
+            cpu = stop(worker)
             if broker.startswith("redis"):
                 redis.Redis.from_url(broker).delete(queue, f"dramatiq:{queue}")
         return {"tasks/s from start": count / figures["from_start"],
                 "tasks/s steady": count / figures["steady"],
+                "CPU us/task": cpu / count * 1e6,
                 "peak RSS MiB": figures["peak_rss"]}
     return run
 

@@ -304,6 +304,7 @@ class RedisBroker(RedisWaiting, KombuBroker):
             self._acks_due = time.monotonic() + ACK_DELAY
         self._acks.append(tag)
 
+    @guarded("ack")
     def flush(self) -> None:
         self._flush_acks()
 

@@ -97,8 +97,10 @@ class Settling:
             if self.broker is not None:
                 try:
                     self.broker.flush()
-                except self._connection_errors():
-                    logger.exception("Couldn't send acks")
+                except self._connection_errors() as exc:
+                    # Still owed: the next poll meets the same error and the
+                    # new connection sends them (`Broker.abandon`/``adopt``).
+                    logger.debug("acks not sent now: %r", exc)
 
     def _settle_item(self, item: Any) -> None:
         """An outcome from a pool, (with its write's future) one whose

@@ -36,7 +36,20 @@ def record(event, **detail):
     key = os.environ.get("CC_TEST_RECORD")
     if not key or not os.environ.get("CC_TEST_RECORD_URL"):
         return
-    _redis().rpush(key, json.dumps([event, detail], sort_keys=True, default=repr))
+    entry = json.dumps([event, detail], sort_keys=True, default=repr)
+    for attempt in range(3):
+        try:
+            _redis().rpush(key, entry)
+            return
+        except redis.ConnectionError:
+            # A test that cuts the worker's Redis connections (CLIENT KILL)
+            # cuts this one too, and a hook may record at that very moment
+            # (a step's stop at the cut): the server closed the connection
+            # before it read the command, so sending it again on a new one
+            # records it once.
+            if attempt == 2:
+                raise
+            time.sleep(0.05)
 
 
 def wait_for_gate(gate, limit):
