@@ -221,13 +221,15 @@ def test_mixed_chords_complete_exactly_once(broker_name, request, interop_log_di
                 result = chord([who.s(i) for i in range(6)], body.s(key)).apply_async()
                 runs.append((key, result))
             for _, result in runs:
-                try:
-                    value = result.get(timeout=60)
-                except Exception as exc:
+                # Polled, not ``result.get()``: Celery's Redis client can miss
+                # a result stored between its SUBSCRIBE and its first GET
+                # (seen once with Celery 5.3.6's client, the body's SUCCESS
+                # stored); what this test checks is the workers.
+                if not harness.wait_until(result.ready, 60, interval=0.1):
                     raise AssertionError(
-                        f"chord body {result.id}: {exc!r}\n"
-                        + chord_state(store, env_broker, queue, result, workers)) from exc
-                assert value == 15
+                        f"chord body {result.id} not ready\n"
+                        + chord_state(store, env_broker, queue, result, workers))
+                assert result.result == 15
             time.sleep(1.0)  # room for a duplicate body
             bodies = {key: int(store.get(f"ccit.body.{key}") or 0) for key, _ in runs}
             assert set(bodies.values()) == {1}, bodies
