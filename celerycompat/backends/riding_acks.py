@@ -17,24 +17,26 @@ database without changing the connection's). The consumer hands the run an
 `AckTicket`; the store of the process running the task uses it:
 
 * ``acks_late``: the deferred SUCCESS write carries the ack.
-* early ack: the ack is submitted to the store's writer when the task
-  starts (Celery acks before the task runs). If the task succeeds before
-  the writer took that ack, its SUCCESS joins it (one atomic call, still
-  deferred); if the ack is out already, the SUCCESS is written before the
-  task's slot is free (synchronously), so an acked message never waits for
-  a deferred result.
+* early ack: the ack is held in the store's writer when the task starts
+  (Celery acks before the task runs), for up to ``EARLY_ACK_DELAY``. If
+  the task succeeds in that time its SUCCESS joins it (one atomic call,
+  still deferred); if the ack is out already, the SUCCESS is written before
+  the task's slot is free (synchronously), so an acked message never waits
+  for a deferred result.
 
 The consumer still sends its own ack when it settles the message (removing
 a removed tag is a no-op), so nothing depends on the riding ack arriving:
 it only makes the ack earlier and atomic with the result.
 
-Elsewhere (RabbitMQ, kombu's Redis path, results on another server) only
-the consumer can ack, but an early ack must still not land before a
-deferred SUCCESS. The ticket then names no server (a *notice* ticket): the
-run holds it the same way, and when it comes due alone (the task is still
-running) the writer calls `ack_due` with the tag, which reaches the
-consumer (prefork: through the parent); a SUCCESS that joins it is written
-first, and the consumer acks once it has landed.
+With the results on another Redis server only the consumer can ack, but
+an early ack must still not land before a deferred SUCCESS. The ticket then
+names no server (a *notice* ticket): the run holds it the same way, and
+when it comes due alone (the task is still running) the writer calls
+`ack_due` with the key, which reaches the consumer (prefork: through the
+parent); a SUCCESS that joins it is written first, and the consumer acks
+once it has landed. Not on RabbitMQ: an ack held back dies with a closed
+channel and the task runs again, which Celery's ack at the start avoids
+(docs/reliability.md); there the early ack stays the consumer's, at once.
 """
 
 from __future__ import annotations
