@@ -68,6 +68,7 @@ class Settling:
     _noticed: dict
     _acks_urgent: bool
     _ack_tickets: str | None
+    pool: Any
 
     if TYPE_CHECKING:  # the consumer's, used here
         def _connection_errors(self) -> tuple[type[BaseException], ...]:
@@ -193,16 +194,20 @@ class Settling:
         behind an ack that has landed.
         """
         early = not request.acks_late
+        # Solo: Celery's early ack reaches the broker after the task (B5),
+        # so the message stays un-acked while it runs: its ack rides with
+        # the SUCCESS as an acks_late one does, or follows the result.
+        held = early and not self.pool.runs_inline
         if self._ack_tickets == "ride":
-            request.message.ack_ticket = self.broker.ack_ticket(request.delivery, early)
-            if early:
+            request.message.ack_ticket = self.broker.ack_ticket(request.delivery, held)
+            if held:
                 self.broker.hand_over(request.delivery)
-        elif early:
+        elif held:
             # The broker's acks are ours to send: the run tells us when the
             # early ack is due (riding_acks.ack_due -> `_ack_due`).
             request.message.ack_ticket = AckTicket(None, 0, "", "", id(request), True)
             self._noticed[id(request)] = request
-        else:
+        elif not early:
             return
         if early:
             request.acked = request.ack_pending = request.ack_rides = True
