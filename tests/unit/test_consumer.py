@@ -8,6 +8,7 @@ interop tests against real brokers.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -63,7 +64,17 @@ def app():
     return app
 
 
-def start_consumer(app, store_for, pool_size=1, **options):
+@contextlib.contextmanager
+def running_consumer(app, store_type=None, pool_size=1, **options):
+    """A consumer on its own thread over a ``pool_size``-slot thread pool,
+    stopped on exit. Each result store made for it is a ``store_type`` over
+    the backend (the backend itself without one), kept in ``consumer.stores``."""
+    stores: list = []
+
+    def store_for(app_, backend):
+        stores.append(store_type(backend) if store_type else backend)
+        return stores[-1]
+
     runner = TaskRunner(app, RunSettings(hostname="t@h"), store_for)
     pool = ThreadPool(runner, pool_size)
     pool.start()
@@ -74,9 +85,27 @@ def start_consumer(app, store_for, pool_size=1, **options):
         decode=make_decoder(app.conf.accept_content), hostname="t@h",
         prefetch_multiplier=4, **options,
     )
+    consumer.stores = stores
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
-    return consumer, pool, thread
+    try:
+        yield consumer
+    finally:
+        consumer.should_stop = True
+        thread.join(5)
+        pool.stop()
+
+
+def late_task(app):
+    """An ``acks_late`` task of its own, recording its argument in ``.ran``."""
+    ran: list = []
+
+    @app.task(name=f"t.late{uuid.uuid4().hex[:6]}", acks_late=True, shared=False)
+    def late(n):
+        ran.append(n)
+
+    late.ran = ran
+    return late
 
 
 def wait_for(predicate, timeout=10.0):
@@ -89,24 +118,13 @@ def wait_for(predicate, timeout=10.0):
 
 
 def test_a_failing_result_store_does_not_lose_the_slot(app):
-    stores = []
-
-    def store_for(app_, backend):
-        stores.append(BrokenStore(backend))
-        return stores[-1]
-
-    consumer, pool, thread = start_consumer(app, store_for, pool_size=1)
-    try:
+    with running_consumer(app, BrokenStore) as consumer:
         for n in range(3):
             app.send_task("t.record", (n,))
         # With one slot, the 2nd and 3rd task only run if the 1st gave it back.
         assert wait_for(lambda: app.ran == [0, 1, 2]), app.ran
         assert wait_for(lambda: not consumer.active)
         assert consumer.processed == 3
-    finally:
-        consumer.should_stop = True
-        thread.join(5)
-        pool.stop()
 
 
 @pytest.mark.parametrize("limit, expected", [(None, 4 + 10), (6, 6), (2, 2)])
@@ -114,42 +132,33 @@ def test_worker_eta_task_limit_caps_the_prefetch_count(app, limit, expected):
     """Each held ETA message raises the prefetch count by one (B12), but never
     past ``worker_eta_task_limit``: what bounds memory with a huge ETA backlog."""
     app.conf.worker_eta_task_limit = limit
-    consumer, pool, thread = start_consumer(app, lambda app_, backend: backend)
-    try:
+    with running_consumer(app) as consumer:
         for n in range(10):
             app.send_task("t.record", (n,), countdown=3600)
         assert wait_for(lambda: len(consumer.scheduled_requests()) >= min(10, expected))
         time.sleep(0.2)
         assert consumer.prefetch_count == expected
         assert len(consumer.scheduled_requests()) == min(10, expected)
-    finally:
-        consumer.should_stop = True
-        thread.join(5)
-        pool.stop()
 
 
 @pytest.mark.parametrize("pool_size", [1, 2])
 def test_disable_prefetch_leaves_messages_for_busy_slots_in_the_queue(app, pool_size):
     """``--disable-prefetch`` on a pulling (virtual) transport: with every slot
     busy nothing is fetched; the rest wait in the queue, not in the worker."""
-    consumer, pool, thread = start_consumer(app, lambda app_, backend: backend,
-                                            pool_size=pool_size, disable_prefetch=True)
     try:
-        for n in range(pool_size + 3):
-            app.send_task("t.gated", (n,))
-        assert wait_for(lambda: len(consumer.active) == pool_size)
-        time.sleep(0.3)  # a prefetch, were there going to be one
-        assert len(consumer.reserved) == 0
-        with app.connection_for_read() as conn:
-            queue = app.amqp.queues[app.conf.task_default_queue].bind(conn.default_channel)
-            assert queue.queue_declare(passive=True).message_count == 3
-        app.gate.set()
-        assert wait_for(lambda: sorted(app.ran) == list(range(pool_size + 3))), app.ran
+        with running_consumer(app, pool_size=pool_size, disable_prefetch=True) as consumer:
+            for n in range(pool_size + 3):
+                app.send_task("t.gated", (n,))
+            assert wait_for(lambda: len(consumer.active) == pool_size)
+            time.sleep(0.3)  # a prefetch, were there going to be one
+            assert len(consumer.reserved) == 0
+            with app.connection_for_read() as conn:
+                queue = app.amqp.queues[app.conf.task_default_queue].bind(conn.default_channel)
+                assert queue.queue_declare(passive=True).message_count == 3
+            app.gate.set()
+            assert wait_for(lambda: sorted(app.ran) == list(range(pool_size + 3))), app.ran
     finally:
         app.gate.set()
-        consumer.should_stop = True
-        thread.join(5)
-        pool.stop()
 
 
 class DeferringStore:
@@ -177,25 +186,13 @@ def test_a_deferred_success_frees_the_slot_but_holds_the_ack(app):
     """Group commit: the next task may start while a SUCCESS is being written,
     but the message of an acks_late task is acked only once it is written,
     and a warm shutdown waits for it (``has_work``)."""
-    ran = []
-
-    @app.task(name=f"t.late{uuid.uuid4().hex[:6]}", acks_late=True, shared=False)
-    def late(n):
-        ran.append(n)
-
-    stores = []
-
-    def store_for(app_, backend):
-        stores.append(DeferringStore(backend))
-        return stores[-1]
-
-    consumer, pool, thread = start_consumer(app, store_for, pool_size=1)
-    try:
+    late = late_task(app)
+    with running_consumer(app, DeferringStore) as consumer:
         late.delay(1)
         late.delay(2)
         # One slot, yet both ran: the first write is still pending.
-        assert wait_for(lambda: ran == [1, 2])
-        writes = stores[-1].writes
+        assert wait_for(lambda: late.ran == [1, 2])
+        writes = consumer.stores[-1].writes
         assert wait_for(lambda: len(writes) == 2)
         time.sleep(0.1)
         assert consumer.processed == 0 and consumer.has_work()
@@ -211,10 +208,6 @@ def test_a_deferred_success_frees_the_slot_but_holds_the_ack(app):
         writes[1].set_result(None)
         assert wait_for(lambda: consumer.processed == 2 and not consumer.has_work())
         assert wait_for(lambda: unacked() == 0)
-    finally:
-        consumer.should_stop = True
-        thread.join(5)
-        pool.stop()
 
 
 def test_a_new_connection_keeps_the_message_of_a_success_being_written(app):
@@ -223,22 +216,12 @@ def test_a_new_connection_keeps_the_message_of_a_success_being_written(app):
     is un-acked until the write lands: the new connection must keep it
     (``adopt``'s running deliveries), not give it back to the queue, where it
     was received again and ran a second time right after its result landed."""
-    ran = []
-
-    @app.task(name=f"t.late{uuid.uuid4().hex[:6]}", acks_late=True, shared=False)
-    def late(n):
-        ran.append(n)
-
-    stores = []
-
-    def store_for(app_, backend):
-        stores.append(DeferringStore(backend))
-        return stores[-1]
-
-    consumer, pool, thread = start_consumer(app, store_for, pool_size=1)
-    try:
+    late = late_task(app)
+    with running_consumer(app, DeferringStore) as consumer:
         late.delay(1)
-        assert wait_for(lambda: ran == [1] and len(stores[-1].writes) == 1)
+        # The run's store is made on the slot's thread, after this line.
+        assert wait_for(lambda: late.ran == [1] and len(consumer.stores[-1].writes) == 1)
+        writes = consumer.stores[-1].writes
         assert wait_for(lambda: not consumer.active and consumer.has_work())
         handed = []
 
@@ -251,12 +234,8 @@ def test_a_new_connection_keeps_the_message_of_a_success_being_written(app):
         assert [d.handle.delivery_tag for d in handed] == [
             r.delivery.handle.delivery_tag for r in consumer._awaiting_write.values()]
         assert len(handed) == 1
-        stores[-1].writes[0].set_result(None)
+        writes[0].set_result(None)
         assert wait_for(lambda: consumer.processed == 1 and not consumer._awaiting_write)
-    finally:
-        consumer.should_stop = True
-        thread.join(5)
-        pool.stop()
 
 
 def test_revoke_never_marks_a_success_still_being_written(app):
@@ -272,19 +251,12 @@ def test_revoke_never_marks_a_success_still_being_written(app):
     def quick():
         return 1
 
-    stores = []
-
-    def store_for(app_, backend):
-        stores.append(DeferringStore(backend))
-        return stores[-1]
-
-    consumer, pool, thread = start_consumer(app, store_for, pool_size=1)
     marked = []
     backend = SimpleNamespace(get_state=lambda task_id: "PENDING",
                               mark_as_revoked=lambda task_id, **kw: marked.append(task_id))
-    try:
+    with running_consumer(app, DeferringStore) as consumer:
         task_id = quick.delay().id
-        assert wait_for(lambda: stores and len(stores[-1].writes) == 1)
+        assert wait_for(lambda: len(consumer.stores[-1].writes) == 1)
         assert wait_for(lambda: not consumer.active)
         state = commands.ControlState(app=SimpleNamespace(backend=backend), hostname="t@h",
                                       consumer=consumer)
@@ -292,9 +264,5 @@ def test_revoke_never_marks_a_success_still_being_written(app):
         other = str(uuid.uuid4())
         commands.COMMANDS["revoke"](state, task_id=other)
         assert marked == [other]
-        stores[-1].writes[0].set_result(None)
+        consumer.stores[-1].writes[0].set_result(None)
         assert wait_for(lambda: not consumer.has_work())
-    finally:
-        consumer.should_stop = True
-        thread.join(5)
-        pool.stop()
