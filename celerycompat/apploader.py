@@ -210,10 +210,14 @@ def prepare_app_for_worker(app: Celery, nodename: str, worker_kwargs: Mapping[st
     from celery.app.trace import setup_worker_optimizations
     from celery.platforms import check_privileges
 
+    from celerycompat.execution import coroutines
+
     if instance is None:
         instance = BootingWorker(app, nodename, worker_kwargs)
     app.loader.init_worker()
     setup_worker_optimizations(app, nodename)
+    # ``async def`` tasks become plain calls that await on the slot's loop.
+    coroutines.adapt_all(app)
     options = {k: v for k, v in worker_kwargs.items() if k not in _NOT_WORKER_KWARGS}
     options.setdefault("pool_cls", _celery_pool_class(options.get("pool")))
     signals.celeryd_init.send(sender=nodename, instance=instance, conf=app.conf,

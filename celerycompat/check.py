@@ -273,6 +273,24 @@ def _time_limits(options: Any, limited: list[str]) -> Iterator[Finding]:
                       "both")
 
 
+def _async_tasks(options: Any) -> Iterator[Finding]:
+    """``async def`` tasks: ccworker awaits them; a Celery worker cannot."""
+    from celerycompat.execution.coroutines import async_task_names
+
+    names = async_task_names(options.app)
+    if not names:
+        return
+    where = ", ".join(names)
+    if options.pool in ("gevent", "eventlet"):
+        yield Finding(UNSUPPORTED, "task", f"async def tasks on the {options.pool} pool "
+                      f"({where})", "they fail there: run them on -P threads, prefork or "
+                      "solo (docs/async-tasks.md)")
+    yield Finding(DIFFERS, "task", f"async def tasks ({where})",
+                  "ccworker awaits them on the slot's event loop; a Celery worker stores "
+                  "FAILURE (it cannot encode the coroutine). Route them to queues only "
+                  "ccworkers consume (docs/migration.md, async def tasks)")
+
+
 def _autoscale(options: Any) -> Iterator[Finding]:
     if options.autoscale is not None and options.pool == "threads":
         yield Finding(NOTE, "option", "--autoscale on the threads pool",
@@ -297,7 +315,7 @@ def _versions(options: Any) -> Iterator[Finding]:
                       "transport, as celery worker fetches them (slower, same behaviour)")
 
 
-CHECKS = (_startup_warnings, _beat, _settings, _signals, _tasks, _autoscale,
+CHECKS = (_startup_warnings, _beat, _settings, _signals, _tasks, _async_tasks, _autoscale,
           _versions)
 
 

@@ -44,6 +44,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 
 from celerycompat.backends import group_commit, riding_acks
 from celerycompat.celery_release import process_init_sender
+from celerycompat.execution import coroutines
 from celerycompat.execution.context import own_request_class
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import procproto
@@ -108,7 +109,12 @@ def _on_terminate(signum: int, frame: Any) -> None:
     except (OSError, ValueError):
         pass
     _terminating = True
-    sys.exit(-(256 - signum))
+    leave = SystemExit(-(256 - signum))
+    # An ``async def`` task: cancelled at its await, its ``finally`` run, then
+    # the same exit (raised here, SystemExit would stop its loop, not it).
+    if _in_task and coroutines.deliver(threading.get_ident(), leave, cancel=True):
+        return
+    sys.exit(leave.code)
 
 
 def _on_soft_timeout(signum: int, frame: Any) -> None:
@@ -117,7 +123,8 @@ def _on_soft_timeout(signum: int, frame: Any) -> None:
     Unlike billiard we ignore it between tasks (a late signal would otherwise
     break the protocol code that runs between two tasks).
     """
-    if _in_task:
+    if _in_task and not coroutines.deliver(threading.get_ident(), SoftTimeLimitExceeded,
+                                           cancel=False):
         raise SoftTimeLimitExceeded()
 
 
@@ -289,6 +296,8 @@ def child_main(sock: Any, runner: Any, config: ChildConfig,
             _writes.wait(FLUSH_TIMEOUT)
         except BaseException:
             pass
+        if initialised:
+            coroutines.close_thread_loop()
         try:
             if initialised:
                 from celery import signals

@@ -42,6 +42,8 @@ from typing import Any, Callable
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from celerycompat.execution import coroutines
+
 logger = logging.getLogger("celery.worker.request")
 
 #: Run phases. IDLE: no run, or the run is past its limits (its result is
@@ -96,6 +98,8 @@ def raise_in_thread(ident: int, exc_type: type[BaseException]) -> bool:
     A class, not an instance: CPython instantiates it without arguments.
     Returns whether the thread exists (and the interpreter supports it).
     """
+    if coroutines.deliver(ident, exc_type, cancel=issubclass(exc_type, RunUnwind)):
+        return True  # an ``async def`` task: to the coroutine, at its await
     if _set_async_exc is None:
         return False
     return _set_async_exc(ident, exc_type) == 1

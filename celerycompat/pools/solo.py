@@ -37,6 +37,7 @@ from billiard.exceptions import SoftTimeLimitExceeded
 from celery import signals
 
 from celerycompat.celery_release import process_init_sender
+from celerycompat.execution import coroutines
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
@@ -117,7 +118,9 @@ class SoloPool:
         raise NotImplementedError(f"{type(self)} does not implement restart")
 
     def stop(self, wait: bool = True) -> None:
-        """Nothing runs in the background, so there is nothing to stop."""
+        """Nothing runs in the background; the loop of ``async def`` tasks
+        (this thread's) is closed."""
+        coroutines.close_thread_loop()
 
     # -- time limits ------------------------------------------------------------------
 
@@ -187,11 +190,11 @@ class SoloPool:
                 self._next = None
             if message is not None:
                 soft_limit_exceeded(self._soft, message)
-            raise SoftTimeLimitExceeded()
-        if self._next == "hard":
+            _raise_here(SoftTimeLimitExceeded)
+        elif self._next == "hard":
             self._next = None
             self._phase = EXPIRED
-            raise HardTimeLimitUnwind()
+            _raise_here(HardTimeLimitUnwind)
 
     def _before_final_write(self) -> None:
         """The runner is about to write the run's final state: from now on the
@@ -217,3 +220,11 @@ class SoloPool:
         except Exception as exc:
             pool_logger.critical("Could not record a pool outcome: %r", exc, exc_info=True)
             return Outcome(State.INTERNAL_ERROR, exc, exception_repr=repr(exc))
+
+
+def _raise_here(exc_type: type[BaseException]) -> None:
+    """Raise ``exc_type()`` in the task from the signal handler; for an
+    ``async def`` task, at the coroutine's await (its loop runs right here)."""
+    if not coroutines.deliver(threading.get_ident(), exc_type,
+                              cancel=exc_type is HardTimeLimitUnwind):
+        raise exc_type()

@@ -59,6 +59,7 @@ from typing import Any, Callable
 
 from billiard.exceptions import SoftTimeLimitExceeded
 
+from celerycompat.execution import coroutines
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
@@ -236,6 +237,7 @@ class ThreadPool:
         try:
             self._serve_slot(slot)
         finally:
+            coroutines.close_thread_loop()
             if slot.abandoned:
                 self._abandoned_ended()
 

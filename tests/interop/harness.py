@@ -1267,7 +1267,8 @@ def run_differential(scenario: Callable, broker: BrokerEnv, *, cache: WorkerCach
     except what ``by_kind`` overrides for one side: ``by_kind={"celery":
     {"pool": "prefork"}}`` compares ccworker on the given pool with ``celery
     worker -P prefork`` (for behaviour Celery has on one pool only; the
-    ``celery2`` of ``CC_WORKERS=self`` takes ``celery``'s overrides).
+    ``celery2`` of ``CC_WORKERS=self`` takes ``celery``'s overrides; an
+    ``env`` dict there adds to the common one).
     ``fresh=True`` starts dedicated workers for this scenario (for what
     happens at startup); otherwise workers are shared within the module.
 
@@ -1280,9 +1281,13 @@ def run_differential(scenario: Callable, broker: BrokerEnv, *, cache: WorkerCach
     env = worker_flags.pop("env", None) or {}
     by_kind = worker_flags.pop("by_kind", None) or {}
     kinds = selected_kinds()
-    specs = {kind: WorkerSpec(env=tuple(sorted(env.items())), **{
-        **worker_flags, **by_kind.get("celery" if kind == "celery2" else kind, {})})
-        for kind in kinds}
+
+    def spec_for(kind: str) -> WorkerSpec:
+        flags = {**worker_flags, **by_kind.get("celery" if kind == "celery2" else kind, {})}
+        side_env = {**env, **flags.pop("env", {})}
+        return WorkerSpec(env=tuple(sorted(side_env.items())), **flags)
+
+    specs = {kind: spec_for(kind) for kind in kinds}
     workers = cache.get_many(kinds, broker, specs, fresh=fresh)
     try:
         results = {kind: run_side(kind, workers[kind], scenario) for kind in kinds}

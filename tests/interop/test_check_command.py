@@ -52,6 +52,18 @@ def test_django_project_with_beat_nothing_to_report(tmp_path):
     assert out.rstrip().endswith("(exit 0).")
 
 
+def test_async_tasks_are_listed_with_the_routing_they_need():
+    """``proj_async``'s ``async def`` tasks: a Celery worker cannot run them."""
+    done = run_check("-A", "proj_async", "check", "-P", "threads")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"DIFFERS +task +async def tasks \(proj_async\.tasks\.add, "
+                     r"proj_async\.tasks\.autoretried, ", done.stdout), done.stdout
+    assert "Route them to queues only ccworkers consume" in done.stdout
+    done = run_check("-A", "proj_async", "check", "-P", "gevent")
+    assert re.search(r"UNSUPPORTED +task +async def tasks on the gevent pool", done.stdout), \
+        done.stdout
+
+
 def test_time_limits_on_threads_exit_1():
     """``proj_timelimits`` on the threads pool: its limits would now be enforced."""
     done = run_check("-A", "proj_timelimits", "check", "-P", "threads")

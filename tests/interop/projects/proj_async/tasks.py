@@ -1,0 +1,144 @@
+"""``async def`` tasks (each registered as its synchronous twin for Celery, see twins.py)."""
+
+import os
+
+import redis
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+
+from ccit_recorder import record
+
+from .celery import app
+from .twins import pause, twin
+
+
+@app.task
+def noop():
+    """The harness's probe: a synchronous task beside the async ones."""
+    return "done"
+
+
+@app.task
+@twin
+async def add(x, y):
+    await pause(0.01)
+    return x + y
+
+
+@app.task
+@twin
+async def fail(message):
+    await pause(0.01)
+    raise ValueError(message)
+
+
+@app.task(bind=True)
+@twin
+async def request_fields(self):
+    await pause(0.01)
+    return {"id": self.request.id, "retries": self.request.retries,
+            "delivery_info": sorted(self.request.delivery_info or {}),
+            "is_eager": self.request.is_eager}
+
+
+@app.task(bind=True, max_retries=2, default_retry_delay=0.1)
+@twin
+async def retried(self, succeed_at):
+    await pause(0.01)
+    if self.request.retries < succeed_at:
+        raise self.retry()
+    return f"ran {self.request.retries + 1} times"
+
+
+@app.task(bind=True, autoretry_for=(KeyError,), retry_kwargs={"max_retries": 2,
+                                                              "countdown": 0.1})
+@twin
+async def autoretried(self, succeed_at):
+    await pause(0.01)
+    if self.request.retries < succeed_at:
+        raise KeyError(f"attempt {self.request.retries}")
+    return f"ran {self.request.retries + 1} times"
+
+
+@shared_task
+@twin
+async def shared(word):
+    await pause(0.01)
+    return word.upper()
+
+
+class Hooked(Task):
+    def on_success(self, retval, task_id, args, kwargs):
+        record("on_success", name=self.name, id=task_id, retval=retval)
+
+
+@app.task(base=Hooked)
+@twin
+async def hooked(n):
+    await pause(0.01)
+    return n + 1
+
+
+@app.task(soft_time_limit=0.5)
+@twin
+async def soft_limited():
+    await pause(5)
+    return "not limited"
+
+
+@app.task(soft_time_limit=0.5)
+@twin
+async def soft_caught():
+    try:
+        await pause(5)
+    except SoftTimeLimitExceeded as exc:
+        await pause(0.01)
+        return f"cleaned up after {exc!r}"
+    return "not limited"
+
+
+@app.task(bind=True, time_limit=0.5)
+@twin
+async def hard_limited(self):
+    try:
+        await pause(5)
+    finally:
+        record("hard_limited_finally", id=self.request.id)
+
+
+@app.task
+@twin
+async def total(numbers):
+    await pause(0.01)
+    return sum(numbers)
+
+
+# -- not recorded by signals.py: as proj_pool's, for test_terminate's scenario --
+
+
+@app.task(bind=True)
+@twin
+async def sleep(self, seconds):
+    record("started", id=self.request.id)
+    try:
+        await pause(seconds)
+    finally:
+        record("finally", id=self.request.id)
+    return seconds
+
+
+@app.task
+@twin
+async def barrier(key, n, timeout=20.0):
+    """True once ``n`` tasks are in here at the same time (slots serving)."""
+    client = redis.Redis.from_url(os.environ["CC_TEST_RECORD_URL"])
+    try:
+        client.incr(key)
+        client.expire(key, 120)
+        for _ in range(int(timeout / 0.05)):
+            if int(client.get(key) or 0) >= n:
+                return True
+            await pause(0.05)
+        return False
+    finally:
+        client.close()
