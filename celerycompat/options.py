@@ -52,7 +52,7 @@ from celerycompat.observability.settings import ObservabilitySettings
 #: Pools ccworker implements today; anything else runs on FALLBACK_POOL.
 #: ``processes`` is Celery's other name for ``prefork``. The green pools need
 #: the process monkey-patched first (`celerycompat.concurrency_patch`).
-SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads", "gevent", "eventlet")
+SUPPORTED_POOLS = ("prefork", "processes", "solo", "threads", "gevent", "eventlet", "asyncio")
 GREEN_POOLS = ("gevent", "eventlet")
 FALLBACK_POOL = "threads"
 
@@ -66,6 +66,9 @@ BUILTIN_POOL_PATHS = {
     "threads": "celery.concurrency.thread:TaskPool",
 }
 
+#: ``-P`` values only ccworker has: ``asyncio`` (``async def`` tasks, pools/asyncio_pool.py).
+CCWORKER_POOLS = ("asyncio",)
+
 #: Pools whose ``-c auto`` Celery caps to the cgroup CPU quota (CPU-bound).
 _CPU_BOUND_POOLS = ("prefork", "processes")
 
@@ -73,7 +76,7 @@ _CPU_BOUND_POOLS = ("prefork", "processes")
 def pool_choices() -> tuple[str, ...]:
     """Accepted ``-P`` values: the built-ins, plus ``custom`` when the
     ``CELERY_CUSTOM_WORKER_POOL`` environment variable names a pool class."""
-    names = tuple(BUILTIN_POOL_PATHS)
+    names = (*BUILTIN_POOL_PATHS, *CCWORKER_POOLS)
     if os.environ.get("CELERY_CUSTOM_WORKER_POOL"):
         names += ("custom",)
     return names

@@ -88,6 +88,16 @@ def make_pool(options: Any, runner: TaskRunner) -> Any:
 
         return GeventPool(runner, concurrency, time_limit=options.time_limit,
                           soft_time_limit=options.soft_time_limit)
+    if options.pool == "asyncio":
+        try:  # imported only here: it needs greenlet (the asyncio extra)
+            from celerycompat.pools.asyncio_pool import AsyncioPool
+        except ImportError as exc:
+            logger.critical("-P asyncio needs greenlet: pip install 'celerycompat[asyncio]' "
+                            "(%s)", exc)
+            raise SystemExit(1) from exc
+
+        return AsyncioPool(runner, concurrency, time_limit=options.time_limit,
+                           soft_time_limit=options.soft_time_limit)
     if options.pool == "eventlet":
         from celerycompat.pools.eventlet_pool import EventletPool
 
@@ -140,7 +150,7 @@ class Worker:
         runner = TaskRunner(app, RunSettings(
             hostname=self.nodename, loglevel=options.loglevel,
             logfile=getattr(options, "logfile_path", options.logfile)), result_store_for)
-        if options.pool in ("solo", "threads", "gevent", "eventlet"):
+        if options.pool in ("solo", "threads", "gevent", "eventlet", "asyncio"):
             # Tasks run in this process: SUCCESS writes may be grouped
             # (backends/group_commit.py). Prefork children enable it for
             # themselves (pools/child.py).

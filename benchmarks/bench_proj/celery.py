@@ -35,3 +35,11 @@ def cpu(n):
     for i in range(n):
         total += i * i
     return total
+
+
+@app.task
+async def asleep(seconds):
+    """The I/O-bound task as a coroutine: ``-P asyncio`` (benchmarks/async_io.py)."""
+    import asyncio
+
+    await asyncio.sleep(seconds)

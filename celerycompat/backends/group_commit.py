@@ -36,13 +36,20 @@ import threading
 import time
 from typing import Any, Callable
 
+from celerycompat.runlocal import RunLocal
+
 logger = logging.getLogger("celery.backends")
 
 #: Writes sent per pipeline at most.
 BATCH_MAX = 256
 
+try:  # -P asyncio's task greenlets (pools/asyncio_pool.py)
+    from greenlet import getcurrent as _getcurrent
+except ImportError:  # pragma: no cover - greenlet comes with the asyncio/gevent extras
+    _getcurrent = None
+
 _enabled_pid: int | None = None
-_local = threading.local()
+_local = RunLocal("group_commit")
 #: One writer per result store *identity* in this process (see `shared_writer`).
 _writers: dict[Any, GroupWriter] = {}
 _writers_pid: int | None = None
@@ -130,6 +137,25 @@ class Write:
                 callback(self)
             except Exception:
                 logger.exception("A result write's callback raised")
+
+
+def write_through(writer: GroupWriter, item: Any, direct: Callable[[], Any]) -> Any:
+    """A write the run must see stored before it goes on (it may not be deferred).
+
+    Normally ``direct()``: the run's thread writes it. A ``-P asyncio`` run
+    shares its thread with every other run of the loop, so its greenlet
+    offers ``wait_for``: the item goes through ``writer`` (batched with the
+    others) and only that run waits for it, while the loop goes on.
+    """
+    wait_for = getattr(_getcurrent(), "wait_for", None) if _getcurrent else None
+    if wait_for is None:
+        return direct()
+    write = writer.submit(item)
+    wait_for(write)
+    error = write.exception()
+    if error is not None:
+        raise error
+    return None
 
 
 def add_pending(write: Any) -> None:

@@ -14,6 +14,7 @@ disagree with how a Celery client reads the result.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -215,7 +216,10 @@ class RedisResultStore(NativeStore):
         else:
             # The early ack is out: an acked message must not wait for a
             # deferred result (a kill would lose it), so write it now.
-            return super().mark_as_done(task_id, result, request, store_result, state)
+            return group_commit.write_through(
+                writer, WriteItem(key, payload, expires),
+                functools.partial(super().mark_as_done, task_id, result, request,
+                                  store_result, state))
         return None
 
     def _group_writer(self) -> group_commit.GroupWriter:

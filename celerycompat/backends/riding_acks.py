@@ -41,8 +41,9 @@ channel and the task runs again, which Celery's ack at the start avoids
 
 from __future__ import annotations
 
-import threading
 from typing import Any, NamedTuple
+
+from celerycompat.runlocal import RunLocal
 
 __all__ = ("AckTicket", "Ride", "ack_due", "current", "on_ack_due", "server_of")
 
@@ -91,7 +92,7 @@ class Ride:
         self.write: Any = None
 
 
-_local = threading.local()
+_local = RunLocal("riding_acks")
 
 
 def begin(ride: Ride | None) -> None:

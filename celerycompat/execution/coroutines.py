@@ -43,6 +43,11 @@ import sys
 import threading
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Union
 
+try:  # -P asyncio's task greenlets (greenlet comes with the asyncio/gevent extras)
+    from greenlet import getcurrent as _getcurrent
+except ImportError:  # pragma: no cover - without greenlet there is no -P asyncio
+    _getcurrent = None
+
 logger = logging.getLogger("celery.worker")
 
 #: Marks the plain function :func:`adapt` put in place of a coroutine function.
@@ -68,6 +73,14 @@ def on_loop_stop(hook: LoopHook) -> LoopHook:
     thread or process ends (close what :func:`on_loop_start` opened)."""
     _stop_hooks.append(hook)
     return hook
+
+
+def start_hooks() -> list[LoopHook]:
+    return list(_start_hooks)
+
+
+def stop_hooks() -> list[LoopHook]:
+    return list(_stop_hooks)
 
 
 # -- which tasks are coroutines ---------------------------------------------------
@@ -174,9 +187,7 @@ class _Interruptible:
             except asyncio.CancelledError as cancelled:
                 if state.throw is not None and state.unwind is None:
                     exc_type, state.throw = state.throw, None
-                    current = asyncio.current_task()
-                    if current is not None:
-                        current.uncancel()
+                    withdraw_cancellation()
                     error = _instance(exc_type)
                 else:
                     error = cancelled
@@ -244,7 +255,14 @@ def close_thread_loop() -> None:
 
 
 def run(coro: Coroutine) -> Any:
-    """Await ``coro`` on this thread's loop; its result or its exception."""
+    """Await ``coro`` on this thread's loop; its result or its exception.
+
+    In a task greenlet of ``-P asyncio`` (pools/asyncio_pool.py) the pool's
+    loop awaits it instead, stepping it in that greenlet.
+    """
+    awaiting = getattr(_getcurrent(), "await_coroutine", None) if _getcurrent else None
+    if awaiting is not None:
+        return awaiting(coro)
     try:
         loop = thread_loop()
     except BaseException:
@@ -265,6 +283,15 @@ def run(coro: Coroutine) -> Any:
         raise
     finally:
         _runs.pop(ident, None)
+
+
+def withdraw_cancellation() -> None:
+    """Withdraw the cancellation that stood for another exception (Python
+    3.11 counts them; 3.10, which Celery 5.2 runs on, does not)."""
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
 
 
 def _instance(exc: Interruption) -> BaseException:

@@ -262,7 +262,10 @@ class GreenPool:
     def _run(self, job: Job) -> None:
         job.frame = sys._getframe()
         self._frames[job.frame] = job
-        self._current[job.greenlet] = job
+        # Not ``job.greenlet``: a runtime whose hub is another thread (asyncio)
+        # may start this before ``apply`` has stored the handle.
+        me = self.green.current()
+        self._current[me] = job
         outcome = Outcome(State.INTERNAL_ERROR)
         reraise: BaseException | None = None
         try:
@@ -278,7 +281,7 @@ class GreenPool:
         finally:
             self._disarm(job)
             self._frames.pop(job.frame, None)
-            self._current.pop(job.greenlet, None)
+            self._current.pop(me, None)
             job.frame = None
             self._jobs.pop(id(job), None)
             self._report(job, outcome)

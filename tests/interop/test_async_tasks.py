@@ -22,7 +22,8 @@ time limits and terminate work there only.
 ``ccworker check`` listing them is in test_check_command.py.
 
 The gevent and eventlet pools refuse them with a clear FAILURE (one running
-event loop per OS thread); that is checked too.
+event loop per OS thread), and a Celery worker that receives one stores
+FAILURE ``EncodeError`` and goes on: both are checked too.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def normalise_traceback(line: str) -> str | None:
     return normalise_problem(re.sub(r"\s+File .*", "", line))
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
+POOLS = ["threads", "prefork", "solo", "asyncio"]
+
+
+@pytest.mark.parametrize("pool", POOLS)
 def test_results_retries_and_signals(broker, run_differential, pool):
     def scenario(app, observe):
         observe.get_and_meta(observe.send("add", (2, 3)), "add")
@@ -86,7 +90,7 @@ def test_results_retries_and_signals(broker, run_differential, pool):
     assert celery_obs == cc_obs
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
+@pytest.mark.parametrize("pool", POOLS)
 def test_time_limits(broker, run_differential, pool):
     """Soft: ``SoftTimeLimitExceeded`` at the await (uncaught: FAILURE; caught:
     the task goes on awaiting), compared in full. Hard: FAILURE
@@ -117,7 +121,7 @@ def test_time_limits(broker, run_differential, pool):
     assert celery_obs == cc_obs
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@pytest.mark.parametrize("pool", ["threads", "prefork", "asyncio"])
 def test_terminate(broker, run_differential, pool):
     """test_terminate's scenario on an ``async def`` task: the coroutine is
     cancelled (its ``finally`` runs), REVOKED ``terminated``, the events and
@@ -130,7 +134,8 @@ def test_terminate(broker, run_differential, pool):
     assert celery_obs == cc_obs
 
 
-def test_inspect_active_while_tasks_await(broker, run_differential):
+@pytest.mark.parametrize("pool", ["threads", "asyncio"])
+def test_inspect_active_while_tasks_await(broker, run_differential, pool):
     """``inspect active`` lists two awaiting tasks with their names and args."""
 
     def scenario(app, observe):
@@ -143,7 +148,7 @@ def test_inspect_active_while_tasks_await(broker, run_differential):
               entry["acknowledged"]] for entry in active]))
         observe.record("results", [r.get(timeout=30) for r in results])
 
-    celery_obs, cc_obs = run_differential(scenario, broker, **as_twins("threads"))
+    celery_obs, cc_obs = run_differential(scenario, broker, **as_twins(pool))
     assert len(celery_obs["active"]) == 2
     assert celery_obs == cc_obs
 
@@ -161,7 +166,7 @@ def _ccworker_only(broker, worker_cache, scenario, **flags):
     return harness.run_side("ccworker", worker, scenario), worker
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
+@pytest.mark.parametrize("pool", POOLS)
 def test_hard_limit_cancels_the_coroutine(broker, worker_cache, pool):
     """At the hard limit the coroutine is cancelled where it awaits: its
     ``finally`` runs (on prefork too: the child's SIGTERM is delivered to the
@@ -177,6 +182,77 @@ def test_hard_limit_cancels_the_coroutine(broker, worker_cache, pool):
     obs, _ = _ccworker_only(broker, worker_cache, scenario, pool=pool, concurrency=2)
     assert obs["hard.raw"]["result"]["exc_type"] == "TimeLimitExceeded"
     assert obs["finally ran"] is True
+
+
+@pytest.mark.parametrize("pool, concurrency", [("threads", 2), ("asyncio", 20)])
+def test_one_loop_per_slot_thread_or_per_process(broker, worker_cache, pool, concurrency):
+    """The loop outlives each task: every run on a threads slot, and every run
+    of ``-P asyncio``'s process, sees the same loop, whose start hooks ran
+    once; ``-P asyncio`` runs ``-c`` coroutines at once (a barrier of 20 only
+    opens if all 20 wait in it together) and synchronous tasks on threads,
+    never on the loop."""
+
+    def scenario(app, observe):
+        first = observe.send("loop_identity").get(timeout=20)
+        seen = [observe.send("loop_identity").get(timeout=20) for _ in range(5)]
+        runs = [first, *seen]
+        observe.record("same loop", all(entry == first for entry in seen))
+        observe.record("loops", len({entry[1] for entry in runs}))
+        observe.record("loops begun", sorted({entry[2] for entry in runs}))
+        if pool == "asyncio":
+            key = f"ccit.barrier.{harness.new_token()}"
+            barrier = [observe.send("barrier", (key, concurrency)) for _ in range(concurrency)]
+            observe.record("all at once", [r.get(timeout=40) for r in barrier])
+            observe.record("sync thread", observe.send("sync_thread").get(timeout=20))
+
+    obs, _ = _ccworker_only(broker, worker_cache, scenario, pool=pool, concurrency=concurrency)
+    if pool == "asyncio":
+        assert obs["same loop"] is True
+        assert obs["loops begun"] == [1]
+        assert obs["all at once"] == [True] * concurrency
+        assert obs["sync thread"] != "ccworker-asyncio"
+    else:
+        # Six runs on two slot threads: at most one loop each (the worker is
+        # shared within the module: earlier tests may have replaced threads).
+        assert obs["loops"] <= concurrency
+
+
+def test_a_task_blocking_the_loop_is_named(broker, worker_cache):
+    """``-P asyncio``: a coroutine that blocks its loop (synchronous sleep) is
+    named by the watchdog, as under ``-P gevent``, with how long it lasted."""
+
+    def scenario(app, observe):
+        result = observe.send("block_loop", (2,))
+        observe.record("result", result.get(timeout=30))
+        observe.record("named", harness.wait_until(
+            lambda: f"Task proj_async.tasks.block_loop[{result.id}] (at " in observe.worker.log()
+            and "has blocked the asyncio event loop for" in observe.worker.log()))
+        observe.record("ended", harness.wait_until(lambda: re.search(
+            rf"Task proj_async\.tasks\.block_loop\[{result.id}\] \(at [^)]*\) blocked the "
+            r"asyncio event loop for \d+\.\d+s", observe.worker.log())) is not None)
+
+    obs, _ = _ccworker_only(broker, worker_cache, scenario, pool="asyncio", concurrency=4)
+    assert obs["result"] == "blocked"
+    assert obs["named"] and obs["ended"]
+
+
+def test_a_celery_worker_fails_them_and_goes_on(broker, worker_cache):
+    """Item 4: a Celery worker that receives an ``async def`` task anyway (a
+    queue not routed away from it) stores FAILURE ``EncodeError`` (it cannot
+    encode the coroutine it got back), nothing hangs, the next task runs."""
+    if "celery" not in harness.selected_kinds():
+        pytest.skip("needs celery worker; CC_WORKERS excludes it")
+    spec = harness.WorkerSpec(project=PROJECT, pool="prefork", concurrency=1)
+    worker = worker_cache.get_many(["celery"], broker, spec)["celery"]
+
+    def scenario(app, observe):
+        observe.get_and_meta(observe.send("add", (1, 2)), "async")
+        observe.get(observe.send("noop"), "next")
+
+    obs = harness.run_side("celery", worker, scenario)
+    assert obs["async.raw"]["status"] == "FAILURE"
+    assert obs["async.raw"]["result"]["exc_type"] == "EncodeError"
+    assert obs["next"]["value"] == "done"
 
 
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])

@@ -1,12 +1,16 @@
 """``async def`` tasks (each registered as its synchronous twin for Celery, see twins.py)."""
 
+import asyncio
 import os
+import threading
+import time
 
 import redis
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ccit_recorder import record
+from celerycompat import aio
 
 from .celery import app
 from .twins import pause, twin
@@ -142,3 +146,34 @@ async def barrier(key, n, timeout=20.0):
         return False
     finally:
         client.close()
+
+
+# -- ccworker only: the loop itself --------------------------------------------
+
+
+LOOP_STARTS = []
+
+
+@aio.on_loop_start
+async def count_loop_starts(loop):
+    LOOP_STARTS.append(id(loop))
+
+
+@app.task
+async def loop_identity():
+    """Which process and loop ran this, and how many loops this process began."""
+    await asyncio.sleep(0)
+    return [os.getpid(), id(asyncio.get_running_loop()), len(LOOP_STARTS)]
+
+
+@app.task
+def sync_thread():
+    """A synchronous task under -P asyncio: the thread it runs on (never the loop's)."""
+    return threading.current_thread().name
+
+
+@app.task
+async def block_loop(seconds):
+    """Blocks its event loop (a synchronous sleep in a coroutine)."""
+    time.sleep(seconds)
+    return "blocked"
