@@ -19,7 +19,8 @@ time limits and terminate work there only.
   REVOKED meta, events from a real ``EventReceiver``, the ``finally``, the
   slots serving again) and ``inspect active`` while tasks await;
 
-``ccworker check`` listing them is in test_check_command.py.
+``ccworker check`` listing them is in test_check_command.py. What does not
+depend on the broker (the loop, cancellation, refusals) runs on Redis only.
 
 The gevent and eventlet pools refuse them with a clear FAILURE (one running
 event loop per OS thread), and a Celery worker that receives one stores
@@ -28,11 +29,12 @@ FAILURE ``EncodeError`` and goes on: both are checked too.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from celery import chain, chord
-from test_terminate import all_slots_serve, ask, normalise_problem, records, terminate_scenario
+from test_terminate import all_slots_serve, ask, cli, normalise_problem, records, terminate_scenario
 
 import harness
 
@@ -68,6 +70,7 @@ def test_results_retries_and_signals(broker, run_differential, pool):
         observe.get_and_meta(observe.send("autoretried", (5,)), "autoretried-out")
         observe.get(observe.send("shared", ("word",)), "shared_task")
         observe.get_and_meta(observe.send("hooked", (1,)), "custom base")
+        observe.get_and_meta(observe.send("noop"), "a synchronous task beside them")
         tasks = app.tasks
         queue = observe.worker.queue
         link = chain(tasks["proj_async.tasks.add"].s(1, 2).set(queue=queue),
@@ -146,10 +149,17 @@ def test_inspect_active_while_tasks_await(broker, run_differential, pool):
         observe.record("active", sorted(
             [[entry["name"], entry["args"], entry["id"] in {r.id for r in results},
               entry["acknowledged"]] for entry in active]))
+        # The real ``celery inspect active`` command line, as an operator runs it.
+        shown = cli(observe.worker, "inspect", "active", "--json")
+        replies = json.loads(shown.split("\n", 1)[1]) if shown.startswith("exit 0") else {}
+        observe.record("celery inspect active", sorted(
+            [entry["name"], entry["args"]] for entries in replies.values()
+            for entry in entries))
         observe.record("results", [r.get(timeout=30) for r in results])
 
     celery_obs, cc_obs = run_differential(scenario, broker, **as_twins(pool))
     assert len(celery_obs["active"]) == 2
+    assert len(celery_obs["celery inspect active"]) == 2
     assert celery_obs == cc_obs
 
 
@@ -166,6 +176,7 @@ def _ccworker_only(broker, worker_cache, scenario, **flags):
     return harness.run_side("ccworker", worker, scenario), worker
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 @pytest.mark.parametrize("pool", POOLS)
 def test_hard_limit_cancels_the_coroutine(broker, worker_cache, pool):
     """At the hard limit the coroutine is cancelled where it awaits: its
@@ -184,6 +195,7 @@ def test_hard_limit_cancels_the_coroutine(broker, worker_cache, pool):
     assert obs["finally ran"] is True
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 @pytest.mark.parametrize("pool, concurrency", [("threads", 2), ("asyncio", 20)])
 def test_one_loop_per_slot_thread_or_per_process(broker, worker_cache, pool, concurrency):
     """The loop outlives each task: every run on a threads slot, and every run
@@ -217,6 +229,7 @@ def test_one_loop_per_slot_thread_or_per_process(broker, worker_cache, pool, con
         assert obs["loops"] <= concurrency
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_a_task_blocking_the_loop_is_named(broker, worker_cache):
     """``-P asyncio``: a coroutine that blocks its loop (synchronous sleep) is
     named by the watchdog, as under ``-P gevent``, with how long it lasted."""
@@ -236,6 +249,7 @@ def test_a_task_blocking_the_loop_is_named(broker, worker_cache):
     assert obs["named"] and obs["ended"]
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 def test_a_celery_worker_fails_them_and_goes_on(broker, worker_cache):
     """Item 4: a Celery worker that receives an ``async def`` task anyway (a
     queue not routed away from it) stores FAILURE ``EncodeError`` (it cannot
@@ -255,6 +269,7 @@ def test_a_celery_worker_fails_them_and_goes_on(broker, worker_cache):
     assert obs["next"]["value"] == "done"
 
 
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 @pytest.mark.parametrize("pool", ["gevent", "eventlet"])
 def test_green_pools_fail_them_clearly(broker, worker_cache, pool):
     """One OS thread runs every greenlet, and asyncio allows one running loop
