@@ -29,6 +29,20 @@ async def add(x, y):
     return x + y
 
 
+@app.task(acks_late=True)
+@twin
+async def late_add(x, y):
+    await pause(0.01)
+    return x + y
+
+
+@app.task(rate_limit="20/s")
+@twin
+async def rated(n):
+    await pause(0.01)
+    return n
+
+
 @app.task
 @twin
 async def fail(message):
@@ -129,6 +143,22 @@ async def sleep(self, seconds):
     finally:
         record("finally", id=self.request.id)
     return seconds
+
+
+@app.task
+@twin
+async def gated(gate, limit=60.0):
+    """Awaits until the test opens ``gate`` (RPUSHes to it): running for as
+    long as a loaded machine needs to look at it. True if it was opened."""
+    client = redis.Redis.from_url(os.environ["CC_TEST_RECORD_URL"])
+    try:
+        for _ in range(int(limit / 0.05)):
+            if client.llen(gate):
+                return True
+            await pause(0.05)
+        return False
+    finally:
+        client.close()
 
 
 @app.task
