@@ -8,6 +8,11 @@ no server. docker/compose.yaml points the same project at Redis and RabbitMQ.
 import os
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
+
+# ``filesystem://`` with atomic publishing (kombu's loses a message now and
+# then: atomic_filesystem.py).
+TRANSPORT_ALIASES["filesystem"] = "proj.atomic_filesystem:Transport"
 
 DATA = os.path.abspath(os.environ.get("DEMO_DATA_DIR", "demo-data"))
 
