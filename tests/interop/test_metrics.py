@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 import harness
@@ -66,6 +67,16 @@ def scrape(base: str) -> dict:
 def count(samples: dict, name: str, task: str | None = None) -> float:
     labels = frozenset({("task", TASKS + task)} if task else ())
     return samples.get((name, labels), 0)
+
+
+def open_gate(worker: harness.WorkerProcess, gate: str) -> None:
+    """Let a ``gated`` task of ``worker`` finish."""
+    client = redis.Redis.from_url(worker.broker.results_url)
+    try:
+        client.rpush(gate, "open")
+        client.expire(gate, 120)
+    finally:
+        client.close()
 
 
 def wait_for(predicate, what: str, timeout: float = 20.0):
@@ -151,22 +162,28 @@ def test_solo_running_a_long_task_is_not_stalled_and_shutdown_is_not_ready(
     try:
         base = endpoint(worker)
         with harness.client_app(PROJECT, worker.env) as app:
-            long = app.send_task(TASKS + "sleep", (4,))
+            first_gate = f"ccit.gate.{harness.new_token()}"
+            long = app.send_task(TASKS + "gated", (first_gate,))
             wait_for(lambda: count(scrape(base), "ccworker_tasks_active") == 1, "the task to run")
             # The loop cannot turn while solo runs the task; that is not a stall.
             time.sleep(2)
             assert probe(base, "/healthz") == (200, "busy")
-            assert long.get(timeout=20) == 4
+            open_gate(worker, first_gate)
+            assert long.get(timeout=20) is True
             wait_for(lambda: probe(base, "/healthz") == (200, "ok"), "the loop to turn again")
 
             # Warm shutdown while a task runs: not ready, still alive, exit 0.
-            last = app.send_task(TASKS + "sleep", (3,))
+            # The task runs until the probes are done (a fixed sleep ended
+            # before them once, on a loaded machine, and the worker had gone).
+            gate = f"ccit.gate.{harness.new_token()}"
+            last = app.send_task(TASKS + "gated", (gate,))
             wait_for(lambda: count(scrape(base), "ccworker_tasks_active") == 1, "the task to run")
             worker.request_stop()
             assert wait_for(lambda: probe(base, "/readyz") == (503, "stopping"),
                             "/readyz to say stopping")
             assert probe(base, "/healthz") == (200, "stopping")
-            assert last.get(timeout=20) == 3
+            open_gate(worker, gate)
+            assert last.get(timeout=20) is True
     finally:
         assert worker.stop() == 0, worker.log_tail()
 

@@ -49,8 +49,10 @@ def test_an_async_task_is_awaited_and_keeps_its_loop(app):
     def plain(n):
         return n
 
-    assert coroutines.adapt_all(app) == ["t.double"]
-    assert coroutines.async_task_names(app) == ["t.double"]
+    # Only this app's own tasks: a ``shared_task`` some other module of the
+    # same pytest process imported (proj_async's) joins every app finalized.
+    assert [n for n in coroutines.adapt_all(app) if n.startswith("t.")] == ["t.double"]
+    assert [n for n in coroutines.async_task_names(app) if n.startswith("t.")] == ["t.double"]
     assert double.run(2) == 4 and double(3) == 6
     assert loops[0] is loops[1] and not loops[0].is_closed()
     assert coroutines.adapt(double) is True  # idempotent
