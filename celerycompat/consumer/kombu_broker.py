@@ -18,6 +18,7 @@ from celery.utils.time import humanize_seconds
 from kombu import Connection, Consumer, Producer
 from kombu.message import Message
 
+from celerycompat.consumer.amqp_acks import AckRuns
 from celerycompat.consumer.broker import ConnectStopped, Delivery, DeliveryCallback
 from celerycompat.consumer.liveness import (
     amqp_socket,
@@ -67,6 +68,9 @@ class KombuBroker:
         #: basic.consume is in effect (False while paused or after `cancel`).
         self._consuming_now = False
         self._cancelled = False
+        #: AMQP only: the acks of a consumer turn, sent at its end as runs
+        #: (`AckRuns`); None where acks go out one by one as made.
+        self._ack_runs: AckRuns | None = None
         self.connection_errors: tuple[type[BaseException], ...] = tuple(
             connection.connection_errors
         ) + tuple(connection.channel_errors)
@@ -116,9 +120,13 @@ class KombuBroker:
         bound = [q.bind(self._channel) for q in queues]
         for q in bound:
             q.declare()
+        self._ack_runs = _new_ack_runs() if self.driver_type == "amqp" else None
+        acks = self._ack_runs
 
         def on_message(message: Message) -> None:
             self._taken()
+            if acks is not None:
+                acks.delivered(message)
             on_delivery(to_delivery(message))
 
         def on_decode_error(message: Any, exc: BaseException) -> None:
@@ -233,6 +241,7 @@ class KombuBroker:
 
     @guarded("poll", waits=True)
     def poll(self, timeout: float) -> None:
+        self._send_acks()
         self._maybe_heartbeat()
         if not self._drain(timeout):
             return
@@ -343,16 +352,41 @@ class KombuBroker:
 
     @guarded("ack")
     def ack(self, delivery: Delivery) -> None:
+        """Ack now, or on AMQP at the end of the consumer's turn (the next
+        `poll` or `flush`), where the turn's acks go as runs."""
         message: Message = delivery.handle
-        if not message.acknowledged:
+        if message.acknowledged:
+            return
+        if self._ack_runs is not None and message.channel is self._channel:
+            # kombu's own state, so every ``acknowledged`` check (ours, a
+            # project's Request class) sees the ack already made.
+            message._state = "ACK"
+            self._ack_runs.owe(message)
+        else:
             message.ack()
-            self._settled()
+        self._settled()
+
+    def _send_acks(self) -> None:
+        """The acks owed (`ack`): one ``basic.ack(multiple=True)`` for those
+        that settle the channel's oldest deliveries, single ones for the rest
+        (a delivery still in hand, an ETA task say, is never covered)."""
+        acks = self._ack_runs
+        if acks is None or not acks.owed:
+            return
+        last, singles = acks.take()
+        channel = self._channel
+        if last is not None:
+            channel.basic_ack(last.delivery_tag, multiple=True)
+        for message in singles:
+            channel.basic_ack(message.delivery_tag)
 
     @guarded("reject")
     def reject(self, delivery: Delivery, requeue: bool) -> None:
         message: Message = delivery.handle
         if not message.acknowledged:
             message.reject(requeue=requeue)
+            if self._ack_runs is not None:
+                self._ack_runs.discard(message)
             self._settled()
 
     @guarded("purge")
@@ -375,6 +409,8 @@ class KombuBroker:
         if self._lease is not None:
             self._lease.stop()
         self._consumer = None
+        # Acks not sent die with the channel: the broker redelivers those.
+        self._ack_runs = None
         try:
             self.connection.collect(socket_timeout=COLLECT_SOCKET_TIMEOUT)
         except Exception:
@@ -394,14 +430,17 @@ class KombuBroker:
     def hand_over(self, delivery: Delivery) -> None:
         """Never called: there are no tickets here."""
 
+    @guarded("ack")
     def flush(self) -> None:
-        """Acks are sent as they are made here."""
+        """The acks owed now (on AMQP they otherwise wait for the next poll)."""
+        self._send_acks()
 
     @guarded("close")
     def close(self) -> None:
         if self._lease is not None:
             self._lease.stop()
         try:
+            self._send_acks()
             if self._consumer is not None:
                 try:
                     self._consumer.cancel()
@@ -410,6 +449,11 @@ class KombuBroker:
         finally:
             self._consumer = None
             self.connection.release()
+
+
+def _new_ack_runs() -> AckRuns:
+    return AckRuns(tag_of=lambda message: message.delivery_tag,
+                   settled=lambda message: message.acknowledged)
 
 
 def to_delivery(message: Message) -> Delivery:

@@ -590,6 +590,49 @@ def test_warm_shutdown_returns_reserved_messages(broker_name, request, interop_l
     compare(observed, {**firsts, **{f"second-of-{k}": w for k, w in seconds.items()}})
 
 
+def test_killed_worker_returns_exactly_the_held_messages(request, interop_log_dir):
+    """RabbitMQ, ``-P threads -c 2``: 10 tasks, one with a countdown of ten
+    minutes (held, unacked), 20 more; once the 30 results are in, the worker
+    is killed (SIGKILL: no shutdown, no goodbye). RabbitMQ gives back what
+    was still unacked: the held ETA message alone, on both workers.
+    ccworker acks a turn's deliveries as ``basic.ack(multiple=True)`` runs
+    (issue 18); a run that covered the held message would lose it here,
+    and a lost ack would leave a finished task to be run again."""
+    request.getfixturevalue("redis_available")
+    broker = amqp_broker(request)
+    spec = harness.WorkerSpec(project=PROJECT, pool="threads", concurrency=2)
+    workers = {k: harness.WorkerProcess(k, spec, broker, interop_log_dir) for k in kinds_or_skip()}
+    observed = {}
+    try:
+        start_all(list(workers.values()))
+        ids = {}
+        with clients(list(workers.values())) as apps:
+            for app, kind in zip(apps, workers):
+                first = [app.send_task("proj_ops.tasks.counted", (i,)).id for i in range(10)]
+                held = app.send_task("proj_ops.tasks.counted", (99,), countdown=600).id
+                rest = [app.send_task("proj_ops.tasks.counted", (i,)).id for i in range(10, 30)]
+                ids[kind] = (held, first + rest)
+        for kind, worker in workers.items():
+            held, done = ids[kind]
+            finished = wait_for(lambda d=done: all(
+                stored_state(broker, i) == "SUCCESS" for i in d), 30)
+            time.sleep(0.5)  # the last acks leave with the worker's next turn
+            worker.proc.send_signal(signal.SIGKILL)
+            worker.proc.wait(timeout=10)
+            returned = wait_for(lambda w=worker: broker.queue_depth(w.queue) == 1, 10)
+            time.sleep(0.5)  # a message returned late would show up here
+            observed[kind] = {"finished": finished, "returned one": returned,
+                              "depth": broker.queue_depth(worker.queue),
+                              "held state": stored_state(broker, held)}
+    finally:
+        cleanup(list(workers.values()))
+
+    reference = observed.get("celery") or next(iter(observed.values()))
+    assert reference == {"finished": True, "returned one": True, "depth": 1,
+                         "held state": None}, report(observed)
+    compare(observed, workers)
+
+
 # --------------------------------------------------------------------------
 # 3. A Django project
 # --------------------------------------------------------------------------
