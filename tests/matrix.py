@@ -71,9 +71,9 @@ TESTS = (
     # (on_failure's branches changed in 5.5-5.7).
     "tests/interop/test_project_requests.py::test_request_hooks_run_as_in_celery[prefork-redis]",
     # ``async def`` tasks against each release's synchronous twins: its Task
-    # (autoretry's wrapper, the protected __call__) around ccworker's await.
-    "tests/interop/test_async_tasks.py::test_results_retries_and_signals[redis-threads]",
-    "tests/interop/test_async_tasks.py::test_results_retries_and_signals[amqp-asyncio]",
+    # (autoretry's wrapper, the protected __call__) around ccworker's await,
+    # on the pool with the most of ccworker around it (one loop, greenlets).
+    "tests/interop/test_async_tasks.py::test_results_retries_and_signals[redis-asyncio]",
 )
 
 #: Scenarios a release's own *client* cannot run, so there is no behaviour of
