@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import signals
 from celery._state import _set_task_join_will_block
@@ -44,11 +44,13 @@ from celerycompat.control.mailbox import ControlMailbox
 from celerycompat.control.registry import ControlState
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
-from celerycompat.observability.service import Observability, observability_for
 from celerycompat.pools.prefork import PreforkPool
 from celerycompat.pools.solo import SoloPool
 from celerycompat.pools.threads import ThreadPool
 from celerycompat.project_steps import StepFailed, StepRunner, project_steps
+
+if TYPE_CHECKING:
+    from celerycompat.observability.service import Observability
 
 logger = logging.getLogger("celery.apps.worker")
 shutdown_logger = logging.getLogger("celery.worker.worker")
@@ -221,7 +223,17 @@ class Worker:
 
     def _start_observability(self) -> None:
         """``--metrics-port``: serve metrics and probes before anything else starts,
-        so a port that is taken stops the worker at once, with one clear line."""
+        so a port that is taken stops the worker at once, with one clear line.
+
+        The metrics stack (prometheus_client, an HTTP server) is imported
+        here, only with ``--metrics-port``: without it no process of the
+        worker carries it (a few MiB of RSS each, prefork children included).
+        """
+        settings = getattr(self.options, "observability", None)
+        if settings is None or settings.metrics_port is None:
+            return
+        from celerycompat.observability.service import observability_for
+
         observability = observability_for(self.options)
         if observability is None:
             return

@@ -185,3 +185,17 @@ def test_every_package_the_code_imports_is_declared():
         if not owners & declared:
             undeclared[name] = sorted(owners)
     assert undeclared == {}
+
+
+def test_a_worker_without_metrics_does_not_load_the_metrics_stack():
+    """prometheus_client and an HTTP server cost every worker process a few
+    MiB of RSS (prefork children included): only ``--metrics-port`` loads them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, celerycompat.cli, celerycompat.worker, celerycompat.boot; "
+            "print(sorted(m for m in ('prometheus_client', 'http.server', "
+            "'celerycompat.observability.service') if m in sys.modules))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True, timeout=60).stdout.strip()
+    assert shown == "[]"
