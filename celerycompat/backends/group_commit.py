@@ -139,18 +139,19 @@ class Write:
                 logger.exception("A result write's callback raised")
 
 
-def write_through(writer: GroupWriter, item: Any, direct: Callable[[], Any]) -> Any:
+def write_through(writer: Callable[[], GroupWriter], item: Any,
+                  direct: Callable[[], Any]) -> Any:
     """A write the run must see stored before it goes on (it may not be deferred).
 
     Normally ``direct()``: the run's thread writes it. A ``-P asyncio`` run
     shares its thread with every other run of the loop, so its greenlet
-    offers ``wait_for``: the item goes through ``writer`` (batched with the
-    others) and only that run waits for it, while the loop goes on.
+    offers ``wait_for``: the item goes through ``writer()`` (batched with
+    the others) and only that run waits for it, while the loop goes on.
     """
     wait_for = getattr(_getcurrent(), "wait_for", None) if _getcurrent else None
     if wait_for is None:
         return direct()
-    write = writer.submit(item)
+    write = writer().submit(item)
     wait_for(write)
     error = write.exception()
     if error is not None:

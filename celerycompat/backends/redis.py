@@ -144,7 +144,11 @@ class RedisResultStore(NativeStore):
     ) -> None:
         key, payload, expires = self._prepare(task_id, result, state, traceback, request)
         # backend.ensure = Celery's reconnect-and-retry policy for Redis errors.
-        self.backend.ensure(self._write, (key, payload, expires))
+        # On -P asyncio's loop (STARTED, RETRY, FAILURE...) through the writer,
+        # so only this run waits for Redis, not every coroutine of the loop.
+        group_commit.write_through(
+            self._group_writer, WriteItem(key, payload, expires),
+            functools.partial(self.backend.ensure, self._write, (key, payload, expires)))
 
     def _prepare(
         self, task_id: str, result: Any, state: str, traceback: str | None, request: Any
@@ -217,7 +221,7 @@ class RedisResultStore(NativeStore):
             # The early ack is out: an acked message must not wait for a
             # deferred result (a kill would lose it), so write it now.
             return group_commit.write_through(
-                writer, WriteItem(key, payload, expires),
+                self._group_writer, WriteItem(key, payload, expires),
                 functools.partial(super().mark_as_done, task_id, result, request,
                                   store_result, state))
         return None

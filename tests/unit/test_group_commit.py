@@ -299,3 +299,37 @@ def test_a_child_forked_while_another_thread_holds_the_locks_can_take_them():
     finally:
         release.set()
         holder.join(5)
+
+
+def test_an_asyncio_run_waits_for_its_failure_write_off_the_loop():
+    """On ``-P asyncio`` a write that may not be deferred (STARTED, RETRY,
+    FAILURE) goes to the writer thread while only its run's greenlet waits
+    (``wait_for``); any other thread writes it itself, as before."""
+    greenlet = pytest.importorskip("greenlet")
+    from celery import Celery
+
+    from celerycompat.backends.redis import RedisResultStore
+
+    app = Celery("write-through", broker="memory://", backend="redis://127.0.0.1:6379/15")
+    store = RedisResultStore(app, app.backend)
+    submitted, direct, waited = [], [], []
+
+    class Writer:
+        def submit(self, item):
+            submitted.append(item)
+            write = group_commit.Write()
+            write.finish(None)
+            return write
+
+    store._group_writer = Writer
+    store.backend.ensure = lambda fn, args: direct.append(args)
+
+    class Run(greenlet.greenlet):
+        def wait_for(self, write):
+            waited.append(write.done())
+
+    Run(lambda: store.mark_as_failure("t-1", ValueError("boom"))).switch()
+    assert len(submitted) == 1 and submitted[0].key == b"celery-task-meta-t-1"
+    assert b'"FAILURE"' in submitted[0].payload and waited == [True] and direct == []
+    store.mark_as_failure("t-2", ValueError("boom"))  # a thread's own run
+    assert len(submitted) == 1 and direct[0][0] == b"celery-task-meta-t-2"
