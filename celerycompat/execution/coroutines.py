@@ -41,6 +41,7 @@ import logging
 import os
 import sys
 import threading
+from contextvars import ContextVar
 from typing import Any, Awaitable, Callable, Coroutine, Generator, Union
 
 try:  # -P asyncio's task greenlets (greenlet comes with the asyncio/gevent extras)
@@ -52,6 +53,13 @@ logger = logging.getLogger("celery.worker")
 
 #: Marks the plain function :func:`adapt` put in place of a coroutine function.
 ADAPTED = "__ccworker_awaits__"
+
+#: True while a task's coroutine, or anything it calls, runs (in the
+#: asyncio Task awaiting it, or a ``-P asyncio`` greenlet's steps): an
+#: adapted task called directly there (``other(x)``, ``other.run(x)``)
+#: returns its coroutine, as the ``async def`` function would, for the
+#: caller to await; called anywhere else it is awaited to its end.
+in_coroutine: ContextVar[bool] = ContextVar("ccworker_in_coroutine", default=False)
 
 #: An exception class (instantiated without arguments) or instance.
 Interruption = Union[type[BaseException], BaseException]
@@ -116,7 +124,8 @@ def adapt(task: Any) -> bool:
         return False
 
     def awaited(*args: Any, **kwargs: Any) -> Any:
-        return run(fun(*args, **kwargs))
+        coro = fun(*args, **kwargs)
+        return coro if in_coroutine.get() else run(coro)
 
     awaited.__name__ = getattr(fun, "__name__", "run")
     awaited.__qualname__ = getattr(fun, "__qualname__", awaited.__name__)
@@ -299,6 +308,7 @@ def _instance(exc: Interruption) -> BaseException:
 
 
 async def _await(coro: Coroutine, state: _Run) -> Any:
+    in_coroutine.set(True)  # in this Task's own context only
     return await _Interruptible(coro, state)
 
 

@@ -140,6 +140,7 @@ class TaskGreenlet(greenlet.greenlet):
         value: Any = None
         error: BaseException | None = None
         while True:
+            inside = coroutines.in_coroutine.set(True)  # for the step only
             try:
                 step = steps.send(value) if error is None else steps.throw(error)
             except StopIteration as stop:
@@ -149,6 +150,8 @@ class TaskGreenlet(greenlet.greenlet):
                 if killed is not None:
                     raise (killed if isinstance(killed, BaseException) else killed()) from None
                 raise
+            finally:
+                coroutines.in_coroutine.reset(inside)
             value = error = None
             kind, payload = self.parent.switch(step)
             if kind == "send":

@@ -53,6 +53,21 @@ def test_hard_limit_cancels_the_coroutine(broker, worker_cache, pool):
 
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
+@pytest.mark.parametrize("pool", POOLS)
+def test_an_async_task_awaits_another_called_directly(broker, worker_cache, pool):
+    """Inside a task's coroutine another ``async def`` task called directly
+    (``other(x)``, ``other.run(x)``) gives its coroutine to await, as calling
+    the ``async def`` function does; called anywhere else it is awaited to
+    its end (the worker's own call, ``self.retry``...)."""
+
+    def scenario(app, observe):
+        observe.get(observe.send("calls_others", (10,)), "direct calls")
+
+    obs, _ = _ccworker_only(broker, worker_cache, scenario, pool=pool, concurrency=2)
+    assert obs["direct calls"]["value"] == [11, 12]
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
 @pytest.mark.parametrize("pool, concurrency", [("threads", 2), ("asyncio", 20)])
 def test_one_loop_per_slot_thread_or_per_process(broker, worker_cache, pool, concurrency):
     """The loop outlives each task: every run on a threads slot, and every run

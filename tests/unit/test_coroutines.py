@@ -200,3 +200,27 @@ def test_each_thread_has_its_own_loop():
 
 async def _running_loop():
     return asyncio.get_running_loop()
+
+
+def test_an_async_task_called_directly_inside_another_gives_its_coroutine(app):
+    """``await other(x)`` and ``await other.run(x)`` inside an async task, as
+    with the ``async def`` functions themselves; outside a coroutine the call
+    is awaited to its end. (Before: the nested call tried to run the
+    thread's loop, already running, and failed.)"""
+
+    @app.task(name="t.inner", shared=False)
+    async def inner(n):
+        await asyncio.sleep(0)
+        return n + 1
+
+    @app.task(name="t.outer", shared=False)
+    async def outer(n):
+        return [await inner(n), await inner.run(n + 10)]
+
+    coroutines.adapt_all(app)
+    try:
+        assert outer.run(1) == [2, 12]
+        assert outer(5) == [6, 16]
+        assert inner(1) == 2  # not inside a coroutine: awaited here
+    finally:
+        coroutines.close_thread_loop()

@@ -29,6 +29,14 @@ async def add(x, y):
     return x + y
 
 
+@app.task
+async def calls_others(x):
+    """Calls another async task directly, as its ``async def`` function is
+    called: ``await add(...)`` and ``await add.run(...)`` (ccworker only: a
+    synchronous twin's direct call returns a value, not an awaitable)."""
+    return [await add(x, 1), await add.run(x, 2)]
+
+
 @app.task(acks_late=True)
 @twin
 async def late_add(x, y):
