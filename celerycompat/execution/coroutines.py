@@ -61,6 +61,26 @@ ADAPTED = "__ccworker_awaits__"
 #: caller to await; called anywhere else it is awaited to its end.
 in_coroutine: ContextVar[bool] = ContextVar("ccworker_in_coroutine", default=False)
 
+class CancelledError(Exception):
+    """Raised by an async task whose coroutine ended in an
+    ``asyncio.CancelledError`` that no time limit, terminate or shutdown
+    asked for (it awaited a task or future that was cancelled, say).
+
+    asyncio's is a ``BaseException``, which Celery's trace lets through: the
+    task would end with nothing stored and its client waiting for ever.
+    This one fails the task as any exception does (FAILURE, ``exc_type``
+    ``CancelledError``), asyncio's as its cause.
+    """
+
+
+def cancelled_unasked(cause: BaseException) -> CancelledError:
+    """The task's exception for a cancellation nobody asked for (`CancelledError`)."""
+    error = CancelledError("the coroutine was cancelled, and no time limit, "
+                           "terminate or shutdown asked for it")
+    error.__cause__ = cause
+    return error
+
+
 #: An exception class (instantiated without arguments) or instance.
 Interruption = Union[type[BaseException], BaseException]
 
@@ -283,13 +303,13 @@ def run(coro: Coroutine) -> Any:
     _runs[ident] = state
     try:
         return loop.run_until_complete(state.task)
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as cancelled:
         coro.close()  # cancelled before its first step: never started
         if state.unwind is not None:
             raise _instance(state.unwind) from None
         if state.throw is not None:
             raise _instance(state.throw) from None
-        raise
+        raise cancelled_unasked(cancelled) from None
     finally:
         _runs.pop(ident, None)
 

@@ -145,11 +145,11 @@ class TaskGreenlet(greenlet.greenlet):
                 step = steps.send(value) if error is None else steps.throw(error)
             except StopIteration as stop:
                 return stop.value
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as cancelled:
                 killed = self.handle.killed
                 if killed is not None:
                     raise (killed if isinstance(killed, BaseException) else killed()) from None
-                raise
+                raise coroutines.cancelled_unasked(cancelled) from None
             finally:
                 coroutines.in_coroutine.reset(inside)
             value = error = None

@@ -54,6 +54,27 @@ def test_hard_limit_cancels_the_coroutine(broker, worker_cache, pool):
 
 @pytest.mark.parametrize("broker", ["redis"], indirect=True)
 @pytest.mark.parametrize("pool", POOLS)
+def test_a_cancellation_nobody_asked_for_fails_the_task(broker, worker_cache, pool):
+    """A coroutine ending in an ``asyncio.CancelledError`` that no limit,
+    terminate or shutdown asked for (it awaited a cancelled child) fails its
+    task like any exception, with Celery's log line. asyncio's is a
+    BaseException, which Celery's trace lets through: before, nothing was
+    stored and the client waited for ever."""
+
+    def scenario(app, observe):
+        observe.get_and_meta(observe.send("cancelled_by_itself"), "cancelled")
+        observe.get(observe.send("add", (1, 2)), "after")
+
+    obs, worker = _ccworker_only(broker, worker_cache, scenario, pool=pool, concurrency=2)
+    assert obs["cancelled.raw"]["status"] == "FAILURE", worker.log_tail(30)
+    assert obs["cancelled.raw"]["result"]["exc_type"] == "CancelledError"
+    assert obs["after"]["value"] == 3
+    assert re.search(r"Task proj_async\.tasks\.cancelled_by_itself\[[0-9a-f-]+\] "
+                     r"raised unexpected: CancelledError", worker.log())
+
+
+@pytest.mark.parametrize("broker", ["redis"], indirect=True)
+@pytest.mark.parametrize("pool", POOLS)
 def test_an_async_task_awaits_another_called_directly(broker, worker_cache, pool):
     """Inside a task's coroutine another ``async def`` task called directly
     (``other(x)``, ``other.run(x)``) gives its coroutine to await, as calling

@@ -30,6 +30,15 @@ async def add(x, y):
 
 
 @app.task
+async def cancelled_by_itself():
+    """A cancellation nobody asked for: the coroutine awaits a task that was
+    cancelled (``asyncio.gather`` of a cancelled child raises the same)."""
+    child = asyncio.ensure_future(asyncio.sleep(10))
+    child.cancel()
+    await child
+
+
+@app.task
 async def calls_others(x):
     """Calls another async task directly, as its ``async def`` function is
     called: ``await add(...)`` and ``await add.run(...)`` (ccworker only: a
