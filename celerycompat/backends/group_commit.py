@@ -48,7 +48,9 @@ try:  # -P asyncio's task greenlets (pools/asyncio_pool.py)
 except ImportError:  # pragma: no cover - greenlet comes with the asyncio/gevent extras
     _getcurrent = None
 
-_enabled_pid: int | None = None
+#: Deferring is on in this process (`enable`); a forked child starts with it
+#: off (`_after_fork_in_child`) until it enables it itself.
+_enabled = False
 _local = RunLocal("group_commit")
 #: One writer per result store *identity* in this process (see `shared_writer`).
 _writers: dict[Any, GroupWriter] = {}
@@ -58,19 +60,18 @@ _writers_lock = threading.Lock()
 
 def enable() -> None:
     """Defer SUCCESS writes in this process (not in processes forked later)."""
-    global _enabled_pid
-    _enabled_pid = os.getpid()
+    global _enabled
+    _enabled = True
 
 
 def disable() -> None:
-    global _enabled_pid
-    _enabled_pid = None
+    global _enabled
+    _enabled = False
 
 
 def enabled() -> bool:
     """Deferring is on in this process, and allowed for the current run."""
-    return (_enabled_pid is not None and _enabled_pid == os.getpid()
-            and getattr(_local, "deferrable", True))
+    return _enabled and _local.get("deferrable", True)
 
 
 def allow_deferring(allowed: bool) -> None:
@@ -78,7 +79,7 @@ def allow_deferring(allowed: bool) -> None:
     ``after_return`` writes synchronously, so the hook (which Celery runs
     after the store) finds the result stored, and a process that dies in it
     leaves the result stored, as under Celery."""
-    _local.deferrable = allowed
+    _local.set("deferrable", allowed)
 
 
 #: Guards every `Write`'s state: callbacks are added on the consumer's
@@ -162,18 +163,19 @@ def write_through(writer: Callable[[], GroupWriter], item: Any,
 def add_pending(write: Any) -> None:
     """Record a deferred write of this thread's current run (a `Write`, or
     anything with the same ``add_done_callback``/``exception``)."""
-    pending = getattr(_local, "pending", None)
+    pending = _local.get("pending")
     if pending is None:
-        pending = _local.pending = []
+        pending = []
+        _local.set("pending", pending)
     pending.append(write)
 
 
 def take() -> Any:
     """The writes deferred by this thread's run so far, as one `Write` (or None)."""
-    pending = getattr(_local, "pending", None)
+    pending = _local.get("pending")
     if not pending:
         return None
-    _local.pending = []
+    _local.set("pending", [])
     if len(pending) == 1:
         return pending[0]
     combined = Write()
@@ -195,7 +197,8 @@ def take() -> Any:
 
 
 def _after_fork_in_child() -> None:
-    """A forked process gets fresh locks and no writers.
+    """A forked process gets fresh locks and no writers, and defers nothing
+    until it enables deferring itself (a prefork child does, in its start).
 
     The prefork supervisor forks replacement children while the consumer
     thread takes `_completion_lock` for every task; a child forked at that
@@ -203,7 +206,8 @@ def _after_fork_in_child() -> None:
     hang in its first write, holding its job's ack for ever. The parent's
     writers' threads do not exist in the child either.
     """
-    global _completion_lock, _writers_lock, _writers_pid
+    global _completion_lock, _writers_lock, _writers_pid, _enabled
+    _enabled = False
     _completion_lock = threading.Lock()
     _writers_lock = threading.Lock()
     _writers.clear()

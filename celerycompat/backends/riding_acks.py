@@ -97,11 +97,11 @@ _local = RunLocal("riding_acks")
 
 def begin(ride: Ride | None) -> None:
     """The current run's ride (None: no ticket) for this thread or greenlet."""
-    _local.ride = ride
+    _local.set("ride", ride)
 
 
 def current() -> Ride | None:
-    return getattr(_local, "ride", None)
+    return _local.get("ride")
 
 
 _notice: Any = None

@@ -11,19 +11,19 @@ from celerycompat.runlocal import RunLocal
 
 def test_each_thread_sees_its_own_attributes():
     local = RunLocal("t")
-    local.value = "main"
+    local.set("value", "main")
     seen = []
 
     def other():
-        seen.append(getattr(local, "value", None))
-        local.value = "other"
-        seen.append(local.value)
+        seen.append(local.get("value"))
+        local.set("value", "other")
+        seen.append(local.get("value"))
 
     thread = threading.Thread(target=other)
     thread.start()
     thread.join()
     assert seen == [None, "other"]
-    assert local.value == "main"
+    assert local.get("value") == "main"
 
 
 def test_greenlets_of_one_thread_do_not_share_them():
@@ -31,9 +31,9 @@ def test_greenlets_of_one_thread_do_not_share_them():
     order = []
 
     def run(name):
-        local.value = name
+        local.set("value", name)
         greenlet.getcurrent().parent.switch()
-        order.append((name, local.value))
+        order.append((name, local.get("value")))
 
     first, second = greenlet.greenlet(run), greenlet.greenlet(run)
     first.switch("first")
@@ -41,4 +41,4 @@ def test_greenlets_of_one_thread_do_not_share_them():
     first.switch()
     second.switch()
     assert order == [("first", "first"), ("second", "second")]
-    assert getattr(local, "value", None) is None
+    assert local.get("value") is None
