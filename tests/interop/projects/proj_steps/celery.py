@@ -17,6 +17,7 @@ step reads at start (for the test of a step needing what a worker lacks).
 """
 
 import os
+import threading
 from pathlib import Path
 
 from celery import Celery, bootsteps
@@ -48,6 +49,11 @@ class LivenessProbe(bootsteps.StartStopStep):
         super().__init__(worker, **kwargs)
         self.path = Path(heartbeat_file) if heartbeat_file else None
         self.tref = None
+        # A touch already under way when stop() runs (the gevent pool's
+        # timer greenlet, a timer thread) must not bring the file back after
+        # it is removed: once CI saw a Celery gevent worker leave it behind.
+        self.lock = threading.Lock()
+        self.stopped = False
         record("liveness.init", option=heartbeat_file is not None)
 
     def include_if(self, worker):
@@ -55,21 +61,26 @@ class LivenessProbe(bootsteps.StartStopStep):
 
     def start(self, worker):
         record("liveness.start", app=worker.app.main, same_node=worker.hostname.startswith("w"))
+        self.stopped = False
         self.path.touch()
         self.tref = worker.timer.call_repeatedly(0.2, self.touch, (worker,), priority=10)
 
     def touch(self, worker):
-        self.path.touch()
+        with self.lock:
+            if not self.stopped:
+                self.path.touch()
 
     def info(self, worker):
         return {"liveness": {"file": self.path.name}}
 
     def stop(self, worker):
         record("liveness.stop")
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-        self.path.unlink(missing_ok=True)
+        with self.lock:
+            self.stopped = True
+            if self.tref is not None:
+                self.tref.cancel()
+                self.tref = None
+            self.path.unlink(missing_ok=True)
 
 
 class ExternalQueue(bootsteps.ConsumerStep):
