@@ -83,12 +83,12 @@ class Settling:
         self._settle_finished()
 
     def _settle_finished(self) -> None:
-        # Checked, not tried: this runs every consumer turn, mostly finding
-        # the queue empty, and a raised Empty costs more than the check. The
-        # consumer thread is the queue's only reader.
-        done = self._done
-        while not done.empty():
-            self._settle_item(done.get_nowait())
+        while True:
+            try:
+                item = self._done.get_nowait()
+            except queue.Empty:
+                break
+            self._settle_item(item)
         if self._acks_urgent:
             # Acks that follow stored results (or early acks a run held
             # back) go now, not with the next fetch: a worker killed in
