@@ -138,6 +138,11 @@ def wait_for(predicate, timeout: float, interval: float = 0.05) -> bool:
     return bool(predicate())
 
 
+def workers_for(spec: harness.WorkerSpec, broker: harness.BrokerEnv, log_dir) -> dict:
+    """One worker of each selected kind on ``spec`` (not started)."""
+    return {kind: harness.WorkerProcess(kind, spec, broker, log_dir) for kind in kinds_or_skip()}
+
+
 def start_all(workers: list) -> None:
     """Start together (startups overlap), then wait for every one."""
     for worker in workers:
@@ -517,7 +522,7 @@ def test_warm_shutdown_returns_reserved_messages(broker_name, request, interop_l
     request.getfixturevalue("redis_available")
     broker = redis_broker() if broker_name == "redis" else amqp_broker(request)
     spec = harness.WorkerSpec(project=PROJECT, pool="threads", concurrency=1)
-    firsts = {k: harness.WorkerProcess(k, spec, broker, interop_log_dir) for k in kinds_or_skip()}
+    firsts = workers_for(spec, broker, interop_log_dir)
     seconds = {}
     observed = {}
     try:
@@ -601,7 +606,7 @@ def test_killed_worker_returns_exactly_the_held_messages(request, interop_log_di
     request.getfixturevalue("redis_available")
     broker = amqp_broker(request)
     spec = harness.WorkerSpec(project=PROJECT, pool="threads", concurrency=2)
-    workers = {k: harness.WorkerProcess(k, spec, broker, interop_log_dir) for k in kinds_or_skip()}
+    workers = workers_for(spec, broker, interop_log_dir)
     observed = {}
     try:
         start_all(list(workers.values()))
@@ -670,7 +675,7 @@ def test_django_project(redis_available, interop_log_dir, tmp_path):
     broker = redis_broker()
     spec = harness.WorkerSpec(project="djproj_interop", pool="threads", concurrency=2,
                               env=(("CC_TEST_DJANGO_DIR", str(tmp_path)),))
-    workers = {k: harness.WorkerProcess(k, spec, broker, interop_log_dir) for k in kinds_or_skip()}
+    workers = workers_for(spec, broker, interop_log_dir)
     for worker in workers.values():
         django_migrate(worker)
     observed = {}
@@ -890,7 +895,7 @@ def test_bad_input_differential(broker_name, request, interop_log_dir):
     broker = redis_broker() if broker_name == "redis" else amqp_broker(request)
     labels = [label for label, fate in CELERY_57[broker_name].items() if fate == "survives"]
     spec = harness.WorkerSpec(project=PROJECT)
-    workers = {k: harness.WorkerProcess(k, spec, broker, interop_log_dir) for k in kinds_or_skip()}
+    workers = workers_for(spec, broker, interop_log_dir)
     observed = {}
     try:
         start_all(list(workers.values()))
