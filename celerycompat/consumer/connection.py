@@ -113,6 +113,9 @@ class ConnectionLifecycle:
         def _reject(self, request: Any, requeue: bool) -> None:
             ...
 
+        def take_back_waiting(self) -> list[Any]:
+            ...
+
     def connect(self, first: bool = False) -> None:
         """Connect, declare and start consuming; called at start and after a loss.
 
@@ -254,7 +257,8 @@ class ConnectionLifecycle:
                 self.broker.cancel()
             except self._connection_errors():
                 pass
-        dropped = list(self.reserved) + [entry[2] for entry in self._eta]
+        dropped = self.take_back_waiting() + list(self.reserved) \
+            + [entry[2] for entry in self._eta]
         if self.rate_limits is not None:
             dropped += self.rate_limits.clear()
         self.reserved.clear()
@@ -313,7 +317,9 @@ class ConnectionLifecycle:
                 "worker_cancel_long_running_tasks_on_connection_loss"):
             self._cancel_unackable()
         # Un-acked messages go back to the broker with the connection; the
-        # copies held here can no longer be acked, so they are dropped (B36).
+        # copies held here can no longer be acked, so they are dropped (B36),
+        # with those the pool held ahead of a free slot (not started either).
+        self.take_back_waiting()
         self.reserved.clear()
         self._eta.clear()
         if self.rate_limits is not None:

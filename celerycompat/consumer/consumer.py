@@ -90,6 +90,11 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         self.generation = 0
         self.reserved: deque[Request] = deque()
         self.active: dict[int, Request] = {}
+        #: Those of ``active`` the pool took ahead of a free slot
+        #: (``pool.queue_ahead``), oldest first: reserved to ``inspect``, not
+        #: started (no ``time_start``, event or early ack) until a slot frees
+        #: for them (`_promote_waiting`).
+        self._waiting: dict[int, Request] = {}
         self._eta: list[tuple[float, int, Request]] = []
         self._seq = itertools.count()
         #: Token buckets of rate-limited task types and the requests waiting
@@ -138,7 +143,7 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         self.gossip: Any = None
         self.dispatcher = dispatcher
         self.heart = Heart(dispatcher, interval=heartbeat_interval,
-                           active=lambda: len(self.active), processed=lambda: self.processed) \
+                           active=self.running_count, processed=lambda: self.processed) \
             if dispatcher is not None and heartbeat_interval else None
         self._worker_utc = app.uses_utc_timezone()
         self._worker_tz = app.timezone
@@ -389,7 +394,12 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
     # -- running -----------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return self.pool.limit - len(self.active)
+        """Tasks the pool takes now: its slots and what it queues ahead."""
+        return self.pool.limit + self.pool.queue_ahead - len(self.active)
+
+    def running_count(self) -> int:
+        """Tasks started and not over (Celery's ``len(active_requests)``)."""
+        return len(self.active) - len(self._waiting)
 
     def _fetch_room(self) -> int | None:
         """``--disable-prefetch``: slots with nothing running or waiting for them.
@@ -416,12 +426,29 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
             self._start(request)
 
     def _start(self, request: Request) -> None:
-        """Accept: record active, ack early-ack tasks, hand to the pool (B5)."""
-        request.time_start = time.time()
+        """Hand to the pool; started now if a slot is free, else once one
+        frees for it (it waits in the pool: `Pool.queue_ahead`)."""
         request.pid_lookup = self.pool.pid_for
+        waits = self.running_count() >= self.pool.limit
         self.active[id(request)] = request
+        if self._acks_with_run(request):
+            self._ticket_for_run(request)
+        if waits:
+            self._waiting[id(request)] = request
+        else:
+            self._accept(request)
+        done = self._done
+        self.pool.apply(request.message.task, request.message,
+                        lambda outcome: done.put((request, outcome)))
+        if self.pool.runs_inline:
+            self._settle_finished()
+
+    def _accept(self, request: Request) -> None:
+        """A slot takes it: Celery's ``on_accepted`` (time_start, the count,
+        the early ack, ``task-started``; B5)."""
+        request.time_start = time.time()
         self.total_count[request.message.name] += 1
-        if self._ack_tickets and getattr(request.task, "_backend", None) is None:
+        if self._acks_with_run(request):
             self._hand_ack_to_run(request)
         if not request.acks_late and not request.ack_rides:
             if self.pool.runs_inline:
@@ -432,11 +459,37 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
             else:
                 self._ack(request)
         self.observers.started(request)
-        done = self._done
-        self.pool.apply(request.message.task, request.message,
-                        lambda outcome: done.put((request, outcome)))
-        if self.pool.runs_inline:
-            self._settle_finished()
+
+    def _acks_with_run(self, request: Request) -> bool:
+        """Its run takes part in its ack (backends/riding_acks.py): this
+        connection allows it and the task uses the worker's result store."""
+        return bool(self._ack_tickets) and getattr(request.task, "_backend", None) is None
+
+    def _promote_waiting(self) -> None:
+        """Start the oldest waiting requests as slots free, in the order the
+        pool gives its queued jobs to children."""
+        waiting = self._waiting
+        while waiting and len(self.active) - len(waiting) < self.pool.limit:
+            request = waiting.pop(next(iter(waiting)))
+            if not request.terminated:
+                self._accept(request)
+
+    def take_back_waiting(self) -> list[Request]:
+        """Requests still waiting in the pool, taken back (oldest first) before
+        any slot has taken them: the consumer holds their messages again,
+        un-acked, as reserved ones (warm shutdown returns them, a revoke
+        discards them; Celery's pool cancels jobs no process accepted)."""
+        if not self._waiting:
+            return []
+        by_message = {id(request.message): request for request in self._waiting.values()}
+        taken = []
+        for message in self.pool.withdraw([r.message for r in self._waiting.values()]):
+            request = by_message[id(message)]
+            del self._waiting[id(request)]
+            self.active.pop(id(request), None)
+            request.message.ack_ticket = None  # made again if it is handed over again
+            taken.append(request)
+        return taken
 
     def has_work(self) -> bool:
         """Tasks running, or finished with their SUCCESS still being written."""

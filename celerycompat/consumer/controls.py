@@ -32,8 +32,9 @@ class ConsumerControls:
 
     What it uses of the consumer: ``app``, ``queues``, ``broker``, ``pool``,
     ``store``, ``hostname``, ``observers``, the requests (``active``,
-    ``reserved``, ``_eta``, ``rate_limits``, ``_writing``) and
-    ``_announce_revoked``, ``_update_prefetch``.
+    ``_waiting``, ``reserved``, ``_eta``, ``rate_limits``, ``_writing``) and
+    ``_announce_revoked``, ``_update_prefetch``, ``_promote_waiting``,
+    ``take_back_waiting``.
     """
 
     app: Any
@@ -44,6 +45,7 @@ class ConsumerControls:
     hostname: str
     observers: Any
     active: dict
+    _waiting: dict
     reserved: Any
     _eta: list
     rate_limits: Any
@@ -55,6 +57,19 @@ class ConsumerControls:
 
         def _update_prefetch(self) -> None:
             ...
+
+        def _promote_waiting(self) -> None:
+            ...
+
+        def take_back_waiting(self) -> list[Request]:
+            ...
+
+    def revoked_updated(self) -> None:
+        """Revoked ids or stamps were added: requests waiting in the pool go
+        back to the front of ``reserved``, where a slot taking them discards
+        the revoked ones, as it does any reserved request (B17; Celery's
+        pool would run them: docs/compat.md)."""
+        self.reserved.extendleft(reversed(self.take_back_waiting()))
 
     def add_task_queue(self, name: str, exchange: str | None = None,
                        exchange_type: str | None = None, routing_key: str | None = None,
@@ -118,7 +133,8 @@ class ConsumerControls:
         the runs go on and are acked there.
         """
         for request in list(self.active.values()):
-            if not request.acks_late or request.acked or request.terminated:
+            if not request.acks_late or request.acked or request.terminated \
+                    or id(request) in self._waiting:  # not started: it runs, as Celery's would
                 continue
             message = request.message
             logger.warning(CANCELLED_ON_CONNECTION_LOSS, f"<Request: {message.name}"
@@ -160,6 +176,7 @@ class ConsumerControls:
         skips changes that leave no process, so after a failed or total shrink
         its count no longer matches its pool (docs/compat.md)."""
         self._update_prefetch()
+        self._promote_waiting()
 
     def results_in_flight(self) -> set[str]:
         """Ids of finished tasks whose SUCCESS write (group commit) has not
@@ -169,11 +186,15 @@ class ConsumerControls:
         return set(self._writing)
 
     def active_requests(self) -> list[Request]:
-        """Running requests; a terminated one is no longer listed (Celery's ``task_ready``)."""
-        return [request for request in self.active.values() if not request.terminated]
+        """Running requests; a terminated one is no longer listed (Celery's
+        ``task_ready``), nor one waiting in the pool for a slot."""
+        waiting = self._waiting
+        return [request for request in self.active.values()
+                if not request.terminated and id(request) not in waiting]
 
     def reserved_requests(self) -> list[Request]:
-        return list(self.reserved)
+        """Prefetched and not started: those waiting in the pool first."""
+        return [*self._waiting.values(), *self.reserved]
 
     def scheduled_requests(self) -> list[Request]:
         return [entry[2] for entry in sorted(self._eta)]

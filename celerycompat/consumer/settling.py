@@ -50,7 +50,8 @@ class Settling:
 
     What it uses of the consumer: ``_done`` (outcomes from the pool),
     ``_writing`` (ids whose SUCCESS write is in flight) and
-    ``_awaiting_write`` (those requests), ``_noticed`` (requests whose
+    ``_awaiting_write`` (those requests), ``_waiting`` (requests the pool
+    holds ahead of a free slot), ``_noticed`` (requests whose
     run will say when their early ack is due), ``active``,
     ``processed``, ``generation``, ``broker``, ``observers``, ``app`` and
     ``_connection_errors``.
@@ -60,6 +61,7 @@ class Settling:
     broker: Any
     generation: int
     active: dict
+    _waiting: dict
     processed: int
     observers: Any
     _done: queue.SimpleQueue
@@ -72,6 +74,12 @@ class Settling:
 
     if TYPE_CHECKING:  # the consumer's, used here
         def _connection_errors(self) -> tuple[type[BaseException], ...]:
+            ...
+
+        def _accept(self, request: Request) -> None:
+            ...
+
+        def _promote_waiting(self) -> None:
             ...
 
     def _wait_for_finished(self, timeout: float) -> None:
@@ -127,6 +135,11 @@ class Settling:
 
     def _settle(self, request: Request, outcome: Outcome) -> None:
         self.active.pop(id(request), None)
+        if self._waiting.pop(id(request), None) is not None and not request.terminated:
+            # Over before a slot was seen to free for it (the pool failed
+            # it, or ran it first): started all the same, as Celery's would be.
+            self._accept(request)
+        self._promote_waiting()
         if request.ack_rides:
             self._noticed.pop(id(request), None)
         if request.terminated:
@@ -183,9 +196,11 @@ class Settling:
             self._reject(request, requeue=True)
         self.observers.finished(request, outcome, decision)
 
-    def _hand_ack_to_run(self, request: Request) -> None:
+    def _ticket_for_run(self, request: Request) -> None:
         """Let the run's result store make this message's ack, in the same
-        script call as the task's SUCCESS where it can (backends/riding_acks.py).
+        script call as the task's SUCCESS where it can (backends/riding_acks.py):
+        the ticket travels with the task to the pool. The consumer's side of
+        it is switched when the task starts (`_hand_ack_to_run`).
 
         An early ack then goes from the run when the task starts (or with its
         SUCCESS, if that comes within a few milliseconds), not from here: the
@@ -193,24 +208,28 @@ class Settling:
         `Settling._settle_written`), so a result is never left deferred
         behind an ack that has landed.
         """
-        early = not request.acks_late
         # Solo: Celery's early ack reaches the broker after the task (B5),
         # so the message stays un-acked while it runs: its ack rides with
         # the SUCCESS as an acks_late one does, or follows the result.
-        held = early and not self.pool.runs_inline
+        held = not request.acks_late and not self.pool.runs_inline
         if self._ack_tickets == "ride":
             request.message.ack_ticket = self.broker.ack_ticket(request.delivery, held)
-            if held:
-                self.broker.hand_over(request.delivery)
         elif held:
             # The broker's acks are ours to send: the run tells us when the
             # early ack is due (riding_acks.ack_due -> `_ack_due`).
             request.message.ack_ticket = AckTicket(None, 0, "", "", id(request), True)
-            self._noticed[id(request)] = request
-        elif not early:
+
+    def _hand_ack_to_run(self, request: Request) -> None:
+        """The task starts with its ticket (`_ticket_for_run`): an early ack is
+        now the run's to make, and counted as made."""
+        if request.acks_late:
             return
-        if early:
-            request.acked = request.ack_pending = request.ack_rides = True
+        if not self.pool.runs_inline:
+            if self._ack_tickets == "ride":
+                self.broker.hand_over(request.delivery)
+            else:
+                self._noticed[id(request)] = request
+        request.acked = request.ack_pending = request.ack_rides = True
 
     def _ack_due(self, key: int) -> None:
         """From any thread: a run's early ack is due (riding_acks.ack_due)."""

@@ -161,6 +161,7 @@ def revoke(state: ControlState, task_id: Any, terminate: bool = False, signal: A
     task_ids = {str(i) for i in ids if i is not None}
     consumer = state.consumer
     consumer.revoked.update(task_ids)
+    consumer.revoked_updated()
     running = {request.id for request in consumer.active_requests()} & task_ids
     succeeded = consumer.results_in_flight() & task_ids
     stores = revoke_stores()
@@ -223,6 +224,7 @@ def revoke_by_stamped_headers(state: ControlState, headers: Any, terminate: bool
     headers = parse_cli_headers(headers)
     consumer = state.consumer
     consumer.revoked_stamps.add(headers)
+    consumer.revoked_updated()
     if not terminate:
         return ok(f"headers {headers} flagged as revoked, but not terminated")
     matched: defaultdict[str, set] = defaultdict(set)  # Celery's reply shows its repr

@@ -119,9 +119,9 @@ class WorkerMetrics:
         gauge = self.gauges.add
         gauge(PREFIX + "tasks_reserved",
               "Prefetched tasks waiting for a pool slot (inspect reserved).",
-              lambda: len(consumer.reserved))
+              lambda: len(consumer.reserved_requests()))
         gauge(PREFIX + "tasks_active", "Tasks running (inspect active).",
-              lambda: len(consumer.active))
+              consumer.running_count)
         gauge(PREFIX + "tasks_scheduled",
               "Tasks held un-acked until their ETA or countdown (inspect scheduled).",
               lambda: len(consumer.scheduled_requests()))

@@ -74,6 +74,27 @@ class Pool(Protocol):
         (forked from the reloaded parent); NotImplementedError for pools
         that run tasks in this process, as Celery's do."""
 
+    queue_ahead: int
+    """How many tasks the pool takes beyond ``limit``, to start the moment a
+    slot frees without waiting for the consumer (prefork: a child's next
+    job is sent as it reports the last one, as Celery hands every prefetched
+    task to its pool at once). The consumer counts such a task as started
+    only when a slot frees for it (`Consumer._promote_waiting`)."""
+
+    def withdraw(self, messages: list[TaskMessage]) -> list[TaskMessage]:
+        """Take back those of ``messages`` (handed to ``apply`` ahead of a free
+        slot) that no slot has taken yet; their ``on_done`` is never called.
+        Called on the consumer thread (warm shutdown, a revoke)."""
+
+
+class SlotsOnly:
+    """For pools that take no task beyond their slots (``queue_ahead`` 0)."""
+
+    queue_ahead = 0
+
+    def withdraw(self, messages: list[TaskMessage]) -> list[TaskMessage]:
+        return []
+
 
 class ResizablePool(Pool, Protocol):
     """A pool whose number of slots changes at run time (``pool_grow``,

@@ -75,7 +75,7 @@ from greenlet import GreenletExit
 
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.pools import failures, procproto
-from celerycompat.pools.base import OnDone, soft_limit_exceeded
+from celerycompat.pools.base import OnDone, SlotsOnly, soft_limit_exceeded
 from celerycompat.pools.deadlines import guarded_runner
 from celerycompat.pools.hub_watchdog import HubWatchdog, threshold_from_env
 from celerycompat.protocol.message import TaskMessage
@@ -158,7 +158,7 @@ class Job:
     or must not be (cold stop)."""
 
 
-class GreenPool:
+class GreenPool(SlotsOnly):
     """Tasks in green threads of this process; the library is ``runtime``'s."""
 
     runs_inline = False

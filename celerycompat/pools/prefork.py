@@ -26,6 +26,9 @@ child that cannot (lost, killed at the hard limit) `celerycompat.pools.failures`
   timers; ``apply`` only appends to the queue and wakes it through a pipe.
   It calls ``on_done`` for every job exactly once: with the child's Outcome,
   or with the outcome it recorded itself.
+* ``apply`` takes up to ``limit`` jobs beyond the children (`queue_ahead`):
+  a child reporting ``done`` gets the next one on the same supervisor turn.
+  Warm shutdown and revokes take back those no child has taken (`withdraw`).
 * A job is handed to a child that said ``up`` and has nothing to do; a child
   that dies before accepting a job gives it back to the queue (it never
   started), one that dies after is a lost worker (wire contract B9).
@@ -199,6 +202,28 @@ class PreforkPool(Supervisor):
             return
         self._pending.append(Job(job_no, task_name, message, on_done, payload))
         self._wake()
+
+    @property
+    def queue_ahead(self) -> int:
+        """As many jobs again as there are children wait in the parent, so a
+        child that reports ``done`` is sent its next job on that same turn of
+        the supervisor, not after the consumer has settled the last one and
+        handed another over (a thread hop each way, most of a no-op task's
+        time). Only an idle child takes a job (billiard's fair strategy)."""
+        return self.limit
+
+    def withdraw(self, messages: list[TaskMessage]) -> list[TaskMessage]:
+        wanted = {id(message) for message in messages}
+
+        def take() -> list[TaskMessage]:
+            taken = [job for job in self._pending
+                     if id(job.message) in wanted and not job.handled]
+            for job in taken:
+                self._pending.remove(job)
+                job.handled = True
+            return [job.message for job in taken]
+
+        return self._call(take, default=[])
 
     def terminate(self, task_id: str, signum: int) -> bool:
         """Send ``signum`` to the child running ``task_id`` (billiard's ``terminate_job``).

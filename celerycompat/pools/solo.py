@@ -41,7 +41,7 @@ from celerycompat.execution import coroutines
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
-from celerycompat.pools.base import OnDone, run_guarded, soft_limit_exceeded
+from celerycompat.pools.base import OnDone, SlotsOnly, run_guarded, soft_limit_exceeded
 from celerycompat.pools.deadlines import (
     EXPIRED,
     IDLE,
@@ -59,7 +59,7 @@ pool_logger = logging.getLogger("celery.concurrency.solo")
 _AT_ONCE = 1e-6
 
 
-class SoloPool:
+class SoloPool(SlotsOnly):
     name = "celery.concurrency.solo:TaskPool"
     runs_inline = True
     task_join_will_block = True

@@ -63,7 +63,7 @@ from celerycompat.execution import coroutines
 from celerycompat.execution.outcome import Outcome, State
 from celerycompat.execution.runner import TaskRunner
 from celerycompat.pools import failures
-from celerycompat.pools.base import OnDone, soft_limit_exceeded
+from celerycompat.pools.base import OnDone, SlotsOnly, soft_limit_exceeded
 from celerycompat.pools.deadlines import (
     EXPIRED,
     IDLE,
@@ -103,7 +103,7 @@ class _Slot(Deadline):
         """Taken over (hard limit, terminate): out of the pool, counted until it ends."""
 
 
-class ThreadPool:
+class ThreadPool(SlotsOnly):
     name = "celery.concurrency.thread:TaskPool"
     runs_inline = False
     task_join_will_block = True

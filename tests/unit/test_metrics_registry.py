@@ -123,6 +123,12 @@ class FakeConsumer:
     def scheduled_requests(self):
         return ["eta"] * 3
 
+    def reserved_requests(self):
+        return list(self.reserved)
+
+    def running_count(self):
+        return len(self.active)
+
 
 def test_outcomes_are_counted_as_the_task_events_report_them():
     metrics = WorkerMetrics(wall_clock=lambda: 102.5)

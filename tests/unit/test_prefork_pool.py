@@ -407,6 +407,26 @@ def test_terminate_of_a_job_no_child_took_yet(make_pool):
     assert pool.terminate("no-such-task", signal.SIGTERM) is False
 
 
+def test_withdraw_takes_back_only_jobs_no_child_took(make_pool):
+    """``queue_ahead``: the pool takes jobs beyond its children; ``withdraw``
+    takes back those still waiting (their ``on_done`` never called), never
+    one a child runs."""
+    pool = make_pool(1)
+    assert pool.queue_ahead == pool.limit == 1
+    running_msg = message("t.sleep", (0.5,))
+    running = start(pool, running_msg)
+    assert wait_for(lambda: pool.pid_for(running_msg.id) is not None)
+    waiting_msg, last_msg = message("t.pid"), message("t.pid")
+    waiting, last = start(pool, waiting_msg), start(pool, last_msg)
+    taken = pool.withdraw([running_msg, waiting_msg])
+    assert [m.id for m in taken] == [waiting_msg.id]
+    assert pool.withdraw([waiting_msg]) == []  # once
+    assert wait_for(lambda: running and last)
+    assert running[0].state is State.SUCCESS and last[0].state is State.SUCCESS
+    time.sleep(0.2)
+    assert waiting == []
+
+
 def test_grow_and_shrink(make_pool):
     pool = make_pool(2)
     pool.grow(2)

@@ -214,6 +214,9 @@ class _Consumer:
     def active_requests(self) -> list:
         return self.running
 
+    def revoked_updated(self) -> None:
+        """Nothing waits in a pool here."""
+
     def terminate(self, request: Any, signum: int) -> bool:
         self.terminated.append((request.id, signum))
         return True
