@@ -17,6 +17,8 @@ Scenarios (issue 8):
   threads) runs the same drain.
 * ``drain-solo`` / ``drain-prefork``: the results drain on ``-P solo`` and on
   ``-P prefork -c 2`` (Celery's default pool).
+* ``drain-late``: the prefork drain of ``acks_late`` tasks with
+  ``--prefetch-multiplier 1`` (the usual setting for long tasks), N/5 tasks.
 * ``drain-amqp``: the results drain with RabbitMQ as the broker.
 * ``io-threads`` / ``io-gevent``: 10 ms sleeping tasks, ``-c 50`` / ``-c 200``.
 * ``prefork-cpu``: a ~2 ms CPU task on ``-P prefork -c 2``.
@@ -177,7 +179,8 @@ def _some_taken(kind: str, broker: Any, queue: str, total: int) -> bool:
 
 
 def drain(pool: str, concurrency: int, *, count: int, ignore_result: bool = False,
-          broker: str = REDIS_BROKER, task: str = "noop", args: tuple = ()) -> Callable:
+          broker: str = REDIS_BROKER, task: str = "noop", args: tuple = (),
+          flags: tuple = (), env: dict | None = None) -> Callable:
     def run(kind: str) -> dict:
         queue = f"bench-{uuid.uuid4().hex[:8]}"
         app = client(broker, queue, ignore_result)
@@ -186,7 +189,8 @@ def drain(pool: str, concurrency: int, *, count: int, ignore_result: bool = Fals
         ids = queue_tasks(kind, app, task, args, count, queue, ignore_result)
         worker = start(kind, pool, concurrency, queue,
                        {"BENCH_BROKER": broker,
-                        "BENCH_IGNORE_RESULT": "1" if ignore_result else "0"}, QUIET)
+                        "BENCH_IGNORE_RESULT": "1" if ignore_result else "0", **(env or {})},
+                       [*QUIET, *flags])
         cpu = float("nan")
         try:
             figures = wait_drained(kind, ids, queue, worker, ignore_result, broker)
@@ -270,6 +274,10 @@ SCENARIOS: dict[str, tuple[str, Callable[[argparse.Namespace], Callable], tuple]
                    lambda a: drain("solo", 1, count=a.tasks), ("celery", "ccworker")),
     "drain-prefork": ("no-op drain, results stored, Redis, -P prefork -c 2",
                       lambda a: drain("prefork", 2, count=a.tasks), ("celery", "ccworker")),
+    "drain-late": ("no-op drain, acks_late, --prefetch-multiplier 1, Redis, -P prefork -c 2",
+                   lambda a: drain("prefork", 2, count=a.tasks // 5,
+                                   flags=("--prefetch-multiplier", "1"),
+                                   env={"BENCH_ACKS_LATE": "1"}), ("celery", "ccworker")),
     "drain-amqp": ("no-op drain, results stored (Redis), RabbitMQ broker, -P threads -c 4",
                    lambda a: drain("threads", 4, count=a.tasks, broker=AMQP_BROKER),
                    ("celery", "ccworker")),

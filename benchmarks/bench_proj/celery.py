@@ -11,6 +11,8 @@ app.conf.update(
     task_default_queue=os.environ.get("BENCH_QUEUE", "bench"),
     task_ignore_result=os.environ.get("BENCH_IGNORE_RESULT") == "1",
 )
+if os.environ.get("BENCH_ACKS_LATE") == "1":
+    app.conf.task_acks_late = True
 if os.environ.get("BENCH_ETA_TASK_LIMIT"):
     app.conf.worker_eta_task_limit = int(os.environ["BENCH_ETA_TASK_LIMIT"])
 

@@ -43,6 +43,12 @@ def app():
         app.ran.append(n)
         return n
 
+    @app.task(name="t.late_gated", shared=False, acks_late=True)
+    def late_gated(n):
+        app.gate.wait(10)
+        app.ran.append(n)
+        return n
+
     app.finalize()
     return app
 
@@ -153,3 +159,28 @@ def test_an_expired_task_is_acked_not_run_and_stored_revoked(app, run):
     assert wait_for(lambda: broker.settled(task_id) == ["ack"])
     assert app.ran == []
     assert app.AsyncResult(task_id).state == "REVOKED"
+
+
+def test_a_busy_pool_waits_for_its_tasks_not_for_the_broker(app, run):
+    """``acks_late`` with prefetch 1: the running task fills the window, so
+    the broker has nothing to deliver until that task is settled. While every
+    slot is busy the consumer must wait for the task to end and poll the
+    broker without waiting; it used to block on the broker for its whole
+    poll timeout after each task (26 ms a task instead of 2)."""
+    broker, consumer, _ = run(slots=1, multiplier=1)
+    polls = []
+    poll = broker.poll
+
+    def recording_poll(timeout):
+        polls.append((timeout, consumer.running_count() >= consumer.pool.limit))
+        poll(timeout)
+
+    broker.poll = recording_poll
+    for n in range(3):
+        broker.publish(app, "t.late_gated", (n,))
+    assert wait_for(lambda: consumer.running_count() == 1)
+    time.sleep(0.2)  # the consumer turns meanwhile
+    app.gate.set()
+    assert wait_for(lambda: app.ran == [0, 1, 2])
+    assert any(busy for _, busy in polls)
+    assert [timeout for timeout, busy in polls if busy and timeout] == []
