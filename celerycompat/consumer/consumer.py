@@ -17,7 +17,6 @@ import heapq
 import itertools
 import logging
 import os
-import queue
 import time
 from collections import Counter, deque
 from typing import Any, Callable, Sequence
@@ -34,6 +33,7 @@ from celerycompat.consumer.announce import Announcements
 from celerycompat.consumer.broker import Broker, Delivery
 from celerycompat.consumer.connection import ConnectionLifecycle
 from celerycompat.consumer.controls import ConsumerControls
+from celerycompat.consumer.done_queue import DoneQueue
 from celerycompat.consumer.liveness import watchdog
 from celerycompat.consumer.observers import Observers
 from celerycompat.consumer.ratelimits import RateLimits
@@ -104,7 +104,7 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
             None if app.conf.worker_disable_rate_limits else RateLimits()
         self._qos_over = False
         self.reset_rate_limits()
-        self._done: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._done = DoneQueue()
         #: Ids of finished requests whose deferred SUCCESS write is not done yet
         #: (a count each: an id redelivered meanwhile can be there twice).
         self._writing: Counter[str] = Counter()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from celerycompat.backends.riding_acks import AckTicket
 from celerycompat.consumer.broker import Delivery
+from celerycompat.consumer.done_queue import DoneQueue
 from celerycompat.consumer.request import Request
 from celerycompat.execution.outcome import Outcome, Settle, settle
 
@@ -64,7 +65,7 @@ class Settling:
     _waiting: dict
     processed: int
     observers: Any
-    _done: queue.SimpleQueue
+    _done: DoneQueue
     _writing: Counter
     _awaiting_write: dict
     _noticed: dict
