@@ -6,8 +6,9 @@ them. CPython 3.11's ``queue.SimpleQueue.get(timeout=...)`` can block
 until the next put when a signal handler runs during the wait: if the
 handler outlasts what was left of the timeout, the retry waits with a
 negative timeout, which means for ever (seen with a SIGQUIT: the worker's
-cold shutdown waited until the running task ended, 20 s later). So items go through a ``SimpleQueue`` (its put and ``get_nowait``
-are C and never block), and a consumer with nothing to take waits on a
+cold shutdown waited until the running task ended, 20 s later). So items
+go through a ``SimpleQueue`` (its put and ``get_nowait`` are C and never
+block), and a consumer with nothing to take waits on a
 lock's timed acquire, which survives signals; a producer releases the lock
 only while the consumer is waiting, so the common path costs one attribute
 read more than a bare ``SimpleQueue``.
