@@ -404,11 +404,15 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         ``--prefetch-multiplier 1``) otherwise kept it waiting on the broker
         for up to its poll timeout while finished tasks, and the acks that
         free the window, waited to be settled: 26 ms a task instead of 2."""
-        return bool(self.active) and self.running_count() >= self.pool.limit
+        return bool(self.active) and self._slots_full()
 
     def running_count(self) -> int:
         """Tasks started and not over (Celery's ``len(active_requests)``)."""
         return len(self.active) - len(self._waiting)
+
+    def _slots_full(self) -> bool:
+        """Every slot has a started task; one handed over now waits in the pool."""
+        return self.running_count() >= self.pool.limit
 
     def _fetch_room(self) -> int | None:
         """``--disable-prefetch``: slots with nothing running or waiting for them.
@@ -438,7 +442,7 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         """Hand to the pool; started now if a slot is free, else once one
         frees for it (it waits in the pool: `Pool.queue_ahead`)."""
         request.pid_lookup = self.pool.pid_for
-        waits = self.running_count() >= self.pool.limit
+        waits = self._slots_full()
         self.active[id(request)] = request
         if self._acks_with_run(request):
             self._ticket_for_run(request)
@@ -478,7 +482,7 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
         """Start the oldest waiting requests as slots free, in the order the
         pool gives its queued jobs to children."""
         waiting = self._waiting
-        while waiting and len(self.active) - len(waiting) < self.pool.limit:
+        while waiting and not self._slots_full():
             request = waiting.pop(next(iter(waiting)))
             if not request.terminated:
                 self._accept(request)
