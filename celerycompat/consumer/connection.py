@@ -313,13 +313,15 @@ class ConnectionLifecycle:
         broker, self.broker = self.broker, None
         owed = _abandon(broker) if broker is not None else None
         self.observers.disconnected()
-        if owed is None and self.app.conf.get(
-                "worker_cancel_long_running_tasks_on_connection_loss"):
-            self._cancel_unackable()
         # Un-acked messages go back to the broker with the connection; the
         # copies held here can no longer be acked, so they are dropped (B36),
         # with those the pool held ahead of a free slot (not started either).
+        # Taken back first: one a child took meanwhile is running, and is
+        # cancelled below with the others.
         self.take_back_waiting()
+        if owed is None and self.app.conf.get(
+                "worker_cancel_long_running_tasks_on_connection_loss"):
+            self._cancel_unackable()
         self.reserved.clear()
         self._eta.clear()
         if self.rate_limits is not None:

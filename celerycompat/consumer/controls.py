@@ -131,10 +131,13 @@ class ConsumerControls:
         acked. Not called when the broker adapter carried the messages over
         to the next connection (native Redis): they are not redelivered, so
         the runs go on and are acked there.
+
+        Called once the pool's waiting jobs are taken back: a request still
+        waiting is one a child took meanwhile (it starts), so it is
+        cancelled too.
         """
         for request in list(self.active.values()):
-            if not request.acks_late or request.acked or request.terminated \
-                    or id(request) in self._waiting:  # not started: it runs, as Celery's would
+            if not request.acks_late or request.acked or request.terminated:
                 continue
             message = request.message
             logger.warning(CANCELLED_ON_CONNECTION_LOSS, f"<Request: {message.name}"

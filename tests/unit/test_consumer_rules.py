@@ -184,3 +184,57 @@ def test_a_busy_pool_waits_for_its_tasks_not_for_the_broker(app, run):
     assert wait_for(lambda: app.ran == [0, 1, 2])
     assert any(busy for _, busy in polls)
     assert [timeout for timeout, busy in polls if busy and timeout] == []
+
+
+class _TakenAheadPool(ThreadPool):
+    """A pool holding a job ahead of its one slot that it can no longer give
+    back: as a prefork child that took its job while the consumer was
+    taking the waiting ones back."""
+
+    @property
+    def queue_ahead(self) -> int:
+        return self.limit
+
+    def withdraw(self, messages):
+        return []
+
+    def terminate(self, task_id: str, signum: int) -> bool:
+        self.terminated.append(task_id)
+        return super().terminate(task_id, signum)
+
+
+def test_connection_loss_cancels_a_late_task_a_slot_took_from_the_waiting_ones(app):
+    """``worker_cancel_long_running_tasks_on_connection_loss``: the waiting
+    jobs are taken back first, and one the pool kept (a child took it
+    meanwhile) runs, so it is cancelled with the running one. The cancel
+    used to come first and skip every waiting job, so that one ran on
+    while its message went back to the broker."""
+    app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+    broker = MemoryBroker()
+    runner = TaskRunner(app, RunSettings(hostname="t@h"), result_store_for)
+    pool = _TakenAheadPool(runner, 1)
+    pool.terminated = []
+    pool.start()
+    consumer = Consumer(
+        app=app, broker_factory=lambda: broker, pool=pool, store=result_store_for(app),
+        queues=["celery"], decode=make_decoder(app.conf.accept_content), hostname="t@h",
+        prefetch_multiplier=2)
+    thread = threading.Thread(target=consumer.run, daemon=True)
+    thread.start()
+    try:
+        ids = [broker.publish(app, "t.late_gated", (n,)) for n in range(2)]
+        assert wait_for(lambda: consumer.running_count() == 1 and len(consumer._waiting) == 1)
+        poll = broker.poll
+
+        def lose_once(timeout):
+            broker.poll = poll
+            raise ConnectionError("lost")
+
+        broker.poll = lose_once
+        assert wait_for(lambda: len(pool.terminated) == 2)
+        assert sorted(pool.terminated) == sorted(ids)
+    finally:
+        app.gate.set()
+        consumer.should_stop = True
+        thread.join(5)
+        pool.stop()
