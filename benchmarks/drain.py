@@ -11,7 +11,10 @@ printed. Run from the repository root::
 ``--kinds ccworker`` runs one side only (to compare two versions of
 ccworker back to back); every run also reports the CPU the worker process
 tree used per task (user + system, from ``wait4``), a steadier figure than
-the wall clock on a noisy machine.
+the wall clock on a noisy machine. ``--workers 2 --pool solo -c 1`` runs
+two solo workers on the queue at once: what a prefork pool whose children
+fetched, acked and wrote for themselves could reach at best
+(docs/performance.md).
 
 Numbers go to docs/performance.md with the command that produced them;
 tests never assert on time.
@@ -60,8 +63,9 @@ def run_once(kind: str, args: argparse.Namespace) -> float:
              "-n", f"{kind}-{queue}@%h", "--without-mingle", "--without-gossip",
              "--without-heartbeat", "-Q", queue]
     started = time.monotonic()
-    worker = subprocess.Popen(COMMANDS[kind] + flags, cwd=HERE, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = [subprocess.Popen(COMMANDS[kind] + _named(flags, n, args.workers), cwd=HERE,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for n in range(args.workers)]
     try:
         broker = redis.Redis.from_url(app.conf.broker_url)
         if args.ignore_result:
@@ -73,8 +77,17 @@ def run_once(kind: str, args: argparse.Namespace) -> float:
                 time.sleep(0.005)
         return time.monotonic() - started
     finally:
-        worker.send_signal(signal.SIGTERM)
-        CPU[kind].append(cpu_seconds_at_exit(worker, 30) / args.tasks * 1e6)
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
+        cpu = sum(cpu_seconds_at_exit(worker, 30) for worker in workers)
+        CPU[kind].append(cpu / args.tasks * 1e6)
+
+
+def _named(flags: list[str], n: int, workers: int) -> list[str]:
+    """The worker flags, with a node name of its own for each of ``--workers``."""
+    if workers == 1:
+        return flags
+    return [flag.replace("@%h", f"-{n}@%h") for flag in flags]
 
 
 #: CPU microseconds per task of each run, by kind.
@@ -88,6 +101,10 @@ def main() -> int:
     parser.add_argument("--pool", default="threads")
     parser.add_argument("-c", "--concurrency", type=int, default=4)
     parser.add_argument("--ignore-result", action="store_true")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="this many workers side by side on the queue (e.g. two "
+                             "'-P solo' ones: the bound of a prefork pool whose "
+                             "children consume for themselves)")
     parser.add_argument("--kinds", default=",".join(COMMANDS),
                         help="which workers to run, comma-separated (default: both)")
     args = parser.parse_args()
@@ -96,7 +113,8 @@ def main() -> int:
     for _ in range(args.repeat):
         for kind in kinds:
             times[kind].append(run_once(kind, args))
-    print(f"drain of {args.tasks} no-op tasks, -P {args.pool} -c {args.concurrency}, "
+    each = f" x {args.workers} workers" if args.workers > 1 else ""
+    print(f"drain of {args.tasks} no-op tasks, -P {args.pool} -c {args.concurrency}{each}, "
           f"{'ignore_result' if args.ignore_result else 'results stored'} (Redis)")
     rates = {}
     for kind, samples in times.items():
