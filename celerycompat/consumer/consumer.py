@@ -34,6 +34,7 @@ from celerycompat.consumer.broker import Broker, Delivery
 from celerycompat.consumer.connection import ConnectionLifecycle
 from celerycompat.consumer.controls import ConsumerControls
 from celerycompat.consumer.done_queue import DoneQueue
+from celerycompat.consumer.holding import Holding
 from celerycompat.consumer.liveness import watchdog
 from celerycompat.consumer.observers import Observers
 from celerycompat.consumer.ratelimits import RateLimits
@@ -53,14 +54,12 @@ logger = logging.getLogger("celery.worker.consumer.consumer")
 strategy_logger = logging.getLogger("celery.worker.strategy")
 request_logger = logging.getLogger("celery.worker.request")
 
-#: AMQP's ``basic.qos`` prefetch count is 16 bits; past it kombu's QoS asks for none.
-PREFETCH_COUNT_MAX = 0xFFFF
-
-class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
+class Consumer(ConnectionLifecycle, Settling, Holding, ConsumerControls, Announcements):
     """The consumer loop. See the module docstring for what it owns; its
     other concerns are mixins, each in its own module: the connection
     (consumer/connection.py), settling finished tasks (consumer/settling.py),
-    what remote control and inspect ask of it (consumer/controls.py), and
+    holding ETA and rate-limited tasks and the prefetch count that follows
+    (consumer/holding.py), what remote control and inspect ask of it (consumer/controls.py), and
     the messages it does not run (consumer/announce.py)."""
 
     def __init__(self, *, app: Any, broker_factory: Callable[[], Broker], pool: Pool,
@@ -166,28 +165,6 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
     def observe(self, observer: Any) -> None:
         """Let ``observer`` hear the consumer's hooks (consumer/observers.py)."""
         self.observers.add(observer)
-
-    # -- connection ------------------------------------------------------------
-
-    @property
-    def prefetch_count(self) -> int:
-        """Celery's count: slots x multiplier, plus one per held ETA task (B12, B34).
-
-        Plus one per request waiting for a rate-limit token, which Celery
-        does not add: there a flood of one rate-limited type fills every
-        prefetch slot and other types wait behind it (docs/compat.md).
-        """
-        if not self.prefetch_multiplier:
-            return 0
-        waiting = len(self.rate_limits) if self.rate_limits is not None else 0
-        slots = self.pool.limit if self.prefetch_slots is None else self.prefetch_slots
-        base = max(slots, 1) * self.prefetch_multiplier
-        held = len(self._eta) + waiting
-        if held and self.eta_task_limit is not None:
-            # ``worker_eta_task_limit``: Celery's QoS stops growing at this
-            # value, so at most that many messages are held in memory.
-            return max(1, min(base + held, self.eta_task_limit))
-        return base + held
 
     # -- the loop ----------------------------------------------------------------
 
@@ -328,68 +305,6 @@ class Consumer(ConnectionLifecycle, Settling, ConsumerControls, Announcements):
             # a message fetched with others is received only after the one
             # before it ran (its ``task_received`` after that one's signals).
             self._start_reserved()
-
-    def _admit(self, request: Request) -> bool:
-        """Reserve the request, or make it wait for its type's rate-limit token.
-
-        Returns False when it waits. As in Celery, a message with an ETA
-        takes its token only once the ETA has come.
-        """
-        if self.rate_limits is not None and \
-                not self.rate_limits.admit(request.task.name, request):
-            return False
-        self.reserved.append(request)
-        return True
-
-    def _release_rate_limited(self) -> None:
-        """Requests whose token has come join the reserved ones (revoked ones are
-        discarded there, having used their token, as in Celery)."""
-        if self.rate_limits is None or not len(self.rate_limits):
-            return
-        released = self.rate_limits.due()
-        if released:
-            self.reserved.extend(released)
-            self._update_prefetch()
-
-    def reset_rate_limits(self) -> None:
-        """Re-read every task's ``rate_limit`` (the ``rate_limit`` control command).
-
-        Requests waiting on a type whose limit was removed are reserved now;
-        those of a type whose rate changed go at the new rate.
-        """
-        if self.rate_limits is None:
-            return
-        freed = self.rate_limits.configure(self.app.tasks)
-        if freed:
-            self.reserved.extend(freed)
-            self._update_prefetch()
-
-    def _qos_value(self) -> int:
-        """What the broker is told: kombu's QoS rule, no limit past AMQP's 16 bits."""
-        count = self.prefetch_count
-        was_over, self._qos_over = self._qos_over, count > PREFETCH_COUNT_MAX
-        if self._qos_over:
-            if not was_over:
-                logger.warning("QoS: Disabled: prefetch_count exceeds %r", PREFETCH_COUNT_MAX)
-            return 0
-        return count
-
-    def _update_prefetch(self) -> None:
-        if self.broker is not None:
-            self.broker.set_prefetch(self._qos_value())
-
-    def _release_due_eta(self) -> None:
-        if not self._eta:
-            return
-        now = time.time()
-        released = False
-        while self._eta and self._eta[0][0] <= now:
-            _, _, request = heapq.heappop(self._eta)
-            if request.generation == self.generation:
-                self._admit(request)
-            released = True
-        if released:
-            self._update_prefetch()
 
     # -- running -----------------------------------------------------------------
 
