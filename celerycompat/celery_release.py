@@ -167,6 +167,14 @@ def reject_fails_task() -> bool:
     return celery_version() >= (5, 7)
 
 
+def cancels_on_cold_shutdown() -> bool:
+    """Whether a cold shutdown cancels the running tasks, each with a
+    ``task-cancelled`` event (``cancel_all_unacked_requests`` in 5.5,
+    ``cancel_active_requests`` since 5.6: B37). Before 5.5 the pool is
+    terminated and no event is sent for them."""
+    return celery_version() >= (5, 5)
+
+
 def request_hook_rules() -> tuple[bool, bool, bool]:
     """How the release's ``celery.worker.request.Request`` hooks go on to
     ``acknowledge``/``reject`` (``consumer/project_requests.py`` repeats it):

@@ -377,6 +377,7 @@ class Worker(ShutdownSignals):
                 break
             consumer.drain(0.1)
         if self._cold:
+            consumer.cancel_on_cold_shutdown()
             consumer.return_running()
         self.pool.stop(wait=not self._cold)
         if not self._cold:

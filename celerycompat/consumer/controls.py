@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 from celery.exceptions import Retry
 
+from celerycompat.celery_release import cancels_on_cold_shutdown
 from celerycompat.consumer.request import CANCELLED_ON_CONNECTION_LOSS, Request
 from celerycompat.execution.context import build_context, request_dict
 
@@ -154,6 +155,26 @@ class ConsumerControls:
                 continue
             request.terminated = True
             self._announce_cancelled(request)
+
+    def cancel_on_cold_shutdown(self) -> None:
+        """A cold shutdown ends the running tasks: each one Celery cancels
+        (>= 5.5: not ``acks_late``, or ``acks_late`` and not acked yet) gets
+        its ``task-cancelled`` event, so a monitor shows it cancelled here
+        (Flower: CANCELLED) instead of started for ever.
+
+        Only the event: Celery also stores RETRY ``cancelled by Celery`` for
+        an early-acked one, which nothing then runs again (B37); ccworker
+        returns its message to the queue instead (`return_running`), and an
+        ``acks_late`` one goes back with the connection, as in Celery.
+        """
+        if not cancels_on_cold_shutdown():
+            return
+        for request in list(self.active.values()):
+            if id(request) in self._waiting or request.terminated:
+                continue  # never started, or ended by a revoke already
+            if request.acks_late and request.acked:
+                continue  # Celery lets an acked one finish
+            self.observers.cancelled(request)
 
     def _announce_cancelled(self, request: Request) -> None:
         message = request.message

@@ -25,7 +25,8 @@ The hooks (an observer implements any subset, with these signatures):
 * ``finished(request, outcome, decision)``: its outcome settled (`execution.outcome.Settle`);
 * ``revoked(request, *, terminated, signum, expired)``: discarded as revoked or
   expired, or terminated;
-* ``cancelled(request)``: cancelled after a connection loss (``acks_late``);
+* ``cancelled(request)``: cancelled after a connection loss (``acks_late``)
+  or by a cold shutdown;
 * ``unknown(task_id, name)``: a task this worker does not know;
 * ``closed()``: the consumer closes for good (after its loop, before its
   connection is closed).

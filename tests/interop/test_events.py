@@ -10,12 +10,15 @@ tracebacks beyond their last line, load averages).
 from __future__ import annotations
 
 import datetime
+import os
+import signal
 import threading
 import time
 
 import pytest
 
 import harness
+from celerycompat.celery_release import cancels_on_cold_shutdown
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
@@ -190,4 +193,49 @@ def test_task_and_worker_events_match_celery(broker, interop_log_dir):
     task_events = celery_side[2][1]
     assert [e["type"] for e in task_events[0]] == [
         "task-received", "task-started", "task-succeeded"]
+    harness.assert_same_across_kinds(observed)
+
+
+def run_cold_shutdown_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
+    """A prefork worker with ``-E`` gets SIGQUIT while a task naps: the
+    events a monitor receives for that task."""
+    spec = harness.WorkerSpec(project=PROJECT, env=ENV, extra_flags=("-E",), pool="prefork")
+    worker = harness.WorkerProcess(kind, spec, broker, log_dir)
+    with harness.client_app(PROJECT, worker.env) as app:
+        listener = Listener(app, worker.nodename).start()
+        try:
+            worker.start()
+            worker.wait_ready()
+            napping = app.send_task("proj_wire.tasks.nap", (30,)).id
+            assert listener.wait_for(lambda evs: any(
+                e["type"] == "task-started" and e.get("uuid") == napping for e in evs)), \
+                worker.log_tail(40)
+            os.kill(worker.pid, signal.SIGQUIT)
+            worker.proc.wait(25)
+            # Celery sends its task-cancelled after worker-offline (it leaves
+            # the event buffer last); before 5.5 it sends none.
+            listener.wait_for(lambda evs: any(
+                e["type"] == "task-cancelled" and e.get("uuid") == napping for e in evs),
+                timeout=3)
+        finally:
+            worker.stop()
+            listener.stop()
+            broker.forget_queue(worker.token, worker.queue)
+    return [event["type"] for event in listener.events if event.get("uuid") == napping]
+
+
+def test_cold_shutdown_cancels_the_running_task_as_celery(broker, interop_log_dir):
+    """B37: from Celery 5.5 a cold shutdown cancels each running task with a
+    ``task-cancelled`` event (Flower then shows it CANCELLED); before 5.5
+    no event follows ``task-started``. ccworker used to send none on any
+    release (the task stayed started for a monitor). What follows the
+    event differs on purpose (Celery stores RETRY, which nothing runs
+    again; ccworker returns the message to the queue: docs/compat.md)."""
+    kinds = harness.selected_kinds()
+    observed = {kind: run_cold_shutdown_scenario(kind, broker, interop_log_dir)
+                for kind in kinds}
+    expected = ["task-received", "task-started"]
+    if cancels_on_cold_shutdown():
+        expected.append("task-cancelled")
+    assert observed[kinds[0]] == expected, observed
     harness.assert_same_across_kinds(observed)

@@ -238,3 +238,28 @@ def test_connection_loss_cancels_a_late_task_a_slot_took_from_the_waiting_ones(a
         consumer.should_stop = True
         thread.join(5)
         pool.stop()
+
+
+def test_a_cold_shutdown_cancels_running_tasks_as_celery_55(app, run, monkeypatch):
+    """Celery >= 5.5 sends ``task-cancelled`` for each running task a cold
+    shutdown ends (early ack, or ``acks_late`` not acked yet); not for a task
+    still waiting for a slot, and not before 5.5."""
+    from celerycompat.consumer import controls
+
+    broker, consumer, _ = run(slots=2, multiplier=1)
+    cancelled = []
+
+    class Heard:
+        def cancelled(self, request):
+            cancelled.append(request.message.name)
+
+    consumer.observe(Heard())
+    broker.publish(app, "t.gated", (1,))
+    broker.publish(app, "t.late_gated", (2,))
+    assert wait_for(lambda: consumer.running_count() == 2)
+    monkeypatch.setattr(controls, "cancels_on_cold_shutdown", lambda: False)
+    consumer.cancel_on_cold_shutdown()
+    assert cancelled == []
+    monkeypatch.setattr(controls, "cancels_on_cold_shutdown", lambda: True)
+    consumer.cancel_on_cold_shutdown()
+    assert sorted(cancelled) == ["t.gated", "t.late_gated"]

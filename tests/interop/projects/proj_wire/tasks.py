@@ -7,6 +7,7 @@ the two workers' results compare exactly while still saying what happened.
 
 import datetime
 import decimal
+import time
 import uuid
 
 import redis
@@ -226,6 +227,14 @@ def rejecting_late(self):
 def ignoring(self):
     record("run", id=self.request.id)
     raise Ignore()
+
+
+@app.task(bind=True)
+def nap(self, seconds):
+    """Sleeps: a task running when a test stops its worker."""
+    record("run", id=self.request.id)
+    time.sleep(seconds)
+    return seconds
 
 
 @app.task(bind=True, acks_late=True)
