@@ -9,11 +9,13 @@ tracebacks beyond their last line, load averages).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -136,52 +138,61 @@ class HeartbeatSpec(harness.WorkerSpec):
 POOLS = {"celery": "prefork", "celery2": "prefork", "ccworker": "solo"}
 
 
-def run_events_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
-    spec = HeartbeatSpec(project=PROJECT, env=ENV, extra_flags=("-E",), pool=POOLS[kind])
+@contextlib.contextmanager
+def listened_worker(kind: str, spec: harness.WorkerSpec, broker: harness.BrokerEnv,
+                    log_dir) -> Iterator[tuple]:
+    """A started worker, a client app and a `Listener` of its events, listening
+    since before the worker started; all stopped and cleaned up on exit."""
     worker = harness.WorkerProcess(kind, spec, broker, log_dir)
     with harness.client_app(PROJECT, worker.env) as app:
         listener = Listener(app, worker.nodename).start()
         try:
             worker.start()
             worker.wait_ready()
-            assert listener.wait_for(lambda evs: any(e["type"] == "worker-online" for e in evs))
-            past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
-            # Sent first, to an idle worker: on RabbitMQ, Celery's client gives
-            # an expired task a TTL of 0, and the broker drops it unless a
-            # consumer can take it at once (behind other tasks, a prefetch
-            # window that happened to be full dropped it, for either worker).
-            expired = app.send_task("proj_wire.tasks.add", (1, 1), expires=past)
-            sent = [
-                app.send_task("proj_wire.tasks.add", (2, 3)),
-                app.send_task("proj_wire.tasks.fail", ("boom",)),
-                app.send_task("proj_wire.tasks.retry_until", (1,), {"countdown": 0.2}),
-                app.send_task("proj_wire.tasks.rejecting"),
-                app.send_task("proj_wire.tasks.rejecting_late"),
-                app.send_task("proj_wire.tasks.ignoring"),
-                app.send_task("proj_wire.tasks.late_ok", (7,)),
-                app.send_task("proj_wire.tasks.nonexistent"),
-                expired,
-            ]
-            ids = [r.id for r in sent]
-            last = app.send_task("proj_wire.tasks.noop")
-            last.get(timeout=30)
-            # The retried task's second run waits out its countdown, so it can
-            # still be running after ``last``: stopping the worker then (the
-            # harness signals the whole process group) ends it with a
-            # WorkerLostError on Celery's prefork pool (seen under 5.2.7).
-            retried = sent[2]
-            retried.get(timeout=30)
-            assert listener.wait_for(
-                lambda evs: {last.id, retried.id} <= {
-                    e.get("uuid") for e in evs if e["type"] == "task-succeeded"})
-            assert listener.wait_for(
-                lambda evs: any(e["type"] == "worker-heartbeat" for e in evs), timeout=10)
-            assert worker.stop() == 0
-            assert listener.wait_for(lambda evs: any(e["type"] == "worker-offline" for e in evs))
+            yield worker, app, listener
         finally:
             worker.stop()
             listener.stop()
             broker.forget_queue(worker.token, worker.queue)
+
+
+def run_events_scenario(kind: str, broker: harness.BrokerEnv, log_dir) -> list:
+    spec = HeartbeatSpec(project=PROJECT, env=ENV, extra_flags=("-E",), pool=POOLS[kind])
+    with listened_worker(kind, spec, broker, log_dir) as (worker, app, listener):
+        assert listener.wait_for(lambda evs: any(e["type"] == "worker-online" for e in evs))
+        past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=1)
+        # Sent first, to an idle worker: on RabbitMQ, Celery's client gives
+        # an expired task a TTL of 0, and the broker drops it unless a
+        # consumer can take it at once (behind other tasks, a prefetch
+        # window that happened to be full dropped it, for either worker).
+        expired = app.send_task("proj_wire.tasks.add", (1, 1), expires=past)
+        sent = [
+            app.send_task("proj_wire.tasks.add", (2, 3)),
+            app.send_task("proj_wire.tasks.fail", ("boom",)),
+            app.send_task("proj_wire.tasks.retry_until", (1,), {"countdown": 0.2}),
+            app.send_task("proj_wire.tasks.rejecting"),
+            app.send_task("proj_wire.tasks.rejecting_late"),
+            app.send_task("proj_wire.tasks.ignoring"),
+            app.send_task("proj_wire.tasks.late_ok", (7,)),
+            app.send_task("proj_wire.tasks.nonexistent"),
+            expired,
+        ]
+        ids = [r.id for r in sent]
+        last = app.send_task("proj_wire.tasks.noop")
+        last.get(timeout=30)
+        # The retried task's second run waits out its countdown, so it can
+        # still be running after ``last``: stopping the worker then (the
+        # harness signals the whole process group) ends it with a
+        # WorkerLostError on Celery's prefork pool (seen under 5.2.7).
+        retried = sent[2]
+        retried.get(timeout=30)
+        assert listener.wait_for(
+            lambda evs: {last.id, retried.id} <= {
+                e.get("uuid") for e in evs if e["type"] == "task-succeeded"})
+        assert listener.wait_for(
+            lambda evs: any(e["type"] == "worker-heartbeat" for e in evs), timeout=10)
+        assert worker.stop() == 0
+        assert listener.wait_for(lambda evs: any(e["type"] == "worker-offline" for e in evs))
     return normalise(listener.events, ids)
 
 
@@ -200,27 +211,18 @@ def run_cold_shutdown_scenario(kind: str, broker: harness.BrokerEnv, log_dir) ->
     """A prefork worker with ``-E`` gets SIGQUIT while a task naps: the
     events a monitor receives for that task."""
     spec = harness.WorkerSpec(project=PROJECT, env=ENV, extra_flags=("-E",), pool="prefork")
-    worker = harness.WorkerProcess(kind, spec, broker, log_dir)
-    with harness.client_app(PROJECT, worker.env) as app:
-        listener = Listener(app, worker.nodename).start()
-        try:
-            worker.start()
-            worker.wait_ready()
-            napping = app.send_task("proj_wire.tasks.nap", (30,)).id
-            assert listener.wait_for(lambda evs: any(
-                e["type"] == "task-started" and e.get("uuid") == napping for e in evs)), \
-                worker.log_tail(40)
-            os.kill(worker.pid, signal.SIGQUIT)
-            worker.proc.wait(25)
-            # Celery sends its task-cancelled after worker-offline (it leaves
-            # the event buffer last); before 5.5 it sends none.
-            listener.wait_for(lambda evs: any(
-                e["type"] == "task-cancelled" and e.get("uuid") == napping for e in evs),
-                timeout=3)
-        finally:
-            worker.stop()
-            listener.stop()
-            broker.forget_queue(worker.token, worker.queue)
+    with listened_worker(kind, spec, broker, log_dir) as (worker, app, listener):
+        napping = app.send_task("proj_wire.tasks.nap", (30,)).id
+        assert listener.wait_for(lambda evs: any(
+            e["type"] == "task-started" and e.get("uuid") == napping for e in evs)), \
+            worker.log_tail(40)
+        os.kill(worker.pid, signal.SIGQUIT)
+        worker.proc.wait(25)
+        # Celery sends its task-cancelled after worker-offline (it leaves
+        # the event buffer last); before 5.5 its last event is task-failed.
+        listener.wait_for(lambda evs: any(
+            e["type"] == "task-cancelled" and e.get("uuid") == napping for e in evs),
+            timeout=3)
     return [event["type"] for event in listener.events if event.get("uuid") == napping]
 
 
