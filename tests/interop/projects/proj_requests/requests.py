@@ -25,37 +25,41 @@ def _exc_name(exc_info):
 
 
 class TrackedRequest(Request):
+    def _record(self, event, **fields):
+        # ``run``: the message's retries count, which tells a retried task's
+        # runs apart (they share the task id).
+        record(event, task=self.task.name, run=self.request_dict.get("retries"), **fields)
+
     def on_accepted(self, pid, time_accepted):
-        record("request.on_accepted", task=self.task.name, child=pid != os.getpid(),
-               pid=isinstance(pid, int), args=self.args)
+        self._record("request.on_accepted", child=pid != os.getpid(),
+                     pid=isinstance(pid, int), args=self.args)
         super().on_accepted(pid, time_accepted)
 
     def on_success(self, failed__retval__runtime, **kwargs):
         failed = failed__retval__runtime[0]
-        record("request.on_success", task=self.task.name, failed=bool(failed))
+        self._record("request.on_success", failed=bool(failed))
         return super().on_success(failed__retval__runtime, **kwargs)
 
     def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
-        record("request.on_failure", task=self.task.name, exception=_exc_name(exc_info),
-               return_ok=return_ok, send_failed_event=send_failed_event)
+        self._record("request.on_failure", exception=_exc_name(exc_info),
+                     return_ok=return_ok, send_failed_event=send_failed_event)
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
         logger.warning("Failure detected for task %s", self.task.name)
 
     def on_retry(self, exc_info):
-        record("request.on_retry", task=self.task.name,
-               exception=type(exc_info.exception.exc).__name__)
+        self._record("request.on_retry", exception=type(exc_info.exception.exc).__name__)
         super().on_retry(exc_info)
 
     def on_timeout(self, soft, timeout):
-        record("request.on_timeout", task=self.task.name, soft=soft, timeout=timeout)
+        self._record("request.on_timeout", soft=soft, timeout=timeout)
         super().on_timeout(soft, timeout)
         if not soft:
             logger.warning("A hard timeout was enforced for task %s", self.task.name)
 
     def acknowledge(self):
-        record("request.acknowledge", task=self.task.name)
+        self._record("request.acknowledge")
         super().acknowledge()
 
     def reject(self, requeue=False):
-        record("request.reject", task=self.task.name, requeue=requeue)
+        self._record("request.reject", requeue=requeue)
         super().reject(requeue=requeue)
