@@ -241,6 +241,10 @@ class WorkerOptions:
     umask: Optional[str] = None
     executable: Optional[str] = None
     pool_start_method: str = "fork"
+    app_spec: Optional[str] = None
+    """``-A`` as given: a spawned prefork child loads the app from it."""
+    config_args: list[str] = field(default_factory=list)
+    """The command line's trailing ``key=value`` settings (applied to the app)."""
     quiet: bool = False
     no_color: bool = False
     user_options: dict[str, Any] = field(default_factory=dict)
@@ -382,10 +386,6 @@ def resolve_worker_options(app: Any, args: Mapping[str, Any],
     return options
 
 
-def _ignored(flag: str) -> str:
-    return f"ccworker: {flag} is accepted but not supported yet; ignored"
-
-
 def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> list[str]:
     """One line per flag/setting in effect that ccworker does not honour yet.
 
@@ -407,11 +407,4 @@ def unsupported_warnings(options: WorkerOptions, explicit: frozenset[str]) -> li
         # Celery's solo pool cannot grow either (its autoscaler fails when it tries).
         lines.append("ccworker: --autoscale is ignored by the solo pool, which runs one "
                      "task at a time")
-    checks = [
-        # Only the prefork pool recycles children; Celery's other pools
-        # ignore these silently too.
-        (options.pool_start_method == "spawn",
-         "--pool-start-method spawn (worker_pool_start_method)"),
-    ]
-    lines.extend(_ignored(flag) for given, flag in checks if given)
     return lines

@@ -38,8 +38,10 @@ from celerycompat.control.mailbox import ControlMailbox
 from celerycompat.control.registry import ControlState
 from celerycompat.events.dispatcher import EventDispatcher
 from celerycompat.execution.runner import RunSettings, TaskRunner
+from celerycompat.pools.child import ChildConfig
 from celerycompat.pools.prefork import PreforkPool
 from celerycompat.pools.solo import SoloPool
+from celerycompat.pools.spawned import SpawnSpec
 from celerycompat.pools.threads import ThreadPool
 from celerycompat.project_steps import StepFailed, StepRunner, project_steps
 from celerycompat.shutdown_signals import EX_FAILURE, EX_OK, ShutdownSignals
@@ -74,6 +76,7 @@ def make_pool(options: Any, runner: TaskRunner) -> Any:
             time_limit=options.time_limit, soft_time_limit=options.soft_time_limit,
             loglevel=options.loglevel, logfile=options.logfile,
             proc_alive_timeout=options.app.conf.worker_proc_alive_timeout,
+            spawning=spawn_spec(options) if options.pool_start_method == "spawn" else None,
         )
     if options.pool == "gevent":
         # Imported only here: gevent is used only if the process was patched.
@@ -98,6 +101,19 @@ def make_pool(options: Any, runner: TaskRunner) -> Any:
                             soft_time_limit=options.soft_time_limit)
     return ThreadPool(runner, concurrency, time_limit=options.time_limit,
                       soft_time_limit=options.soft_time_limit)
+
+
+def spawn_spec(options: Any) -> SpawnSpec:
+    """What a spawned prefork child loads and sets up (pools/spawned.py); its
+    ``child`` config is the pool's, per child."""
+    observability = getattr(options, "observability", None)
+    return SpawnSpec(
+        child=ChildConfig(hostname=options.nodename, index=0, name=""),
+        app_spec=options.app_spec, config_args=tuple(options.config_args),
+        hostname=options.nodename, loglevel=options.loglevel, logfile=options.logfile,
+        no_color=options.no_color,
+        log_format=getattr(observability, "log_format", None) or "text",
+    )
 
 
 class Worker(ShutdownSignals):

@@ -19,9 +19,11 @@ child that cannot (lost, killed at the hard limit) `celerycompat.pools.failures`
 
 * ``-c N`` children are forked in `start` (in the main thread, after the app
   is loaded and before the consumer connects), each with one socket pair to
-  the parent. Replacements are forked by the supervisor thread, which stays
-  alive as long as any child (a child's parent-death signal follows the
-  thread that forked it).
+  the parent; with ``--pool-start-method spawn`` each is a fresh
+  interpreter instead (`celerycompat.pools.spawned`), the rest the same.
+  Replacements are started by the supervisor thread, which stays alive as
+  long as any child (a child's parent-death signal follows the thread that
+  started it).
 * The supervisor thread owns every child socket, the job queue and the
   timers; ``apply`` only appends to the queue and wakes it through a pipe.
   It calls ``on_done`` for every job exactly once: with the child's Outcome,
@@ -53,6 +55,7 @@ child that cannot (lost, killed at the hard limit) `celerycompat.pools.failures`
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -68,7 +71,7 @@ from typing import Any, Callable
 from celery import signals
 
 from celerycompat.execution.outcome import Outcome, State
-from celerycompat.pools import failures, procproto
+from celerycompat.pools import failures, procproto, spawned
 from celerycompat.pools.base import OnDone
 from celerycompat.pools.child import ChildConfig, child_main
 from celerycompat.pools.prefork_records import Child, Job
@@ -86,8 +89,12 @@ class PreforkPool(Supervisor):
                  max_memory_per_child: int | None = None,
                  time_limit: Any = None, soft_time_limit: Any = None,
                  loglevel: int | None = None, logfile: str | None = None,
-                 proc_alive_timeout: float | None = 4.0) -> None:
+                 proc_alive_timeout: float | None = 4.0,
+                 spawning: spawned.SpawnSpec | None = None) -> None:
         self.runner = runner
+        #: ``--pool-start-method spawn``: what each child is started from
+        #: (its ``child`` config is filled in per child); None: forked.
+        self.spawning = spawning
         self.limit = max(0, int(limit))
         """The number of children kept (``-c``; ``pool_grow``/``shrink``, autoscale)."""
         self.initial_limit = self.limit
@@ -185,6 +192,8 @@ class PreforkPool(Supervisor):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        if self.spawning is not None:
+            spawned.announce()
         for index in range(self.limit):
             self._spawn(index)
         self._thread = threading.Thread(target=self._supervise, name="PreforkSupervisor",
@@ -314,17 +323,40 @@ class PreforkPool(Supervisor):
         return next(i for i in itertools.count() if i not in used)
 
     def _spawn(self, index: int) -> Child:
+        """Start the child for slot ``index``: forked, or a fresh interpreter
+        with ``--pool-start-method spawn`` (pools/spawned.py)."""
         before_create = getattr(signals, "worker_before_create_process", None)
         if before_create is not None:  # Celery >= 5.3 has the signal
             before_create.send(sender=self)
         gc.collect()  # as Celery does before each fork (Celery issue #2927)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        name = f"ForkPoolWorker-{next(self._names)}"
+        prefix = "ForkPoolWorker" if self.spawning is None else spawned.NAME_PREFIX
+        name = f"{prefix}-{next(self._names)}"
         config = ChildConfig(
             hostname=self.hostname, index=index, name=name,
             max_tasks=self.max_tasks_per_child, max_memory_kib=self.max_memory_per_child,
             loglevel=self.loglevel, logfile=self.logfile,
         )
+        try:
+            if self.spawning is None:
+                pid = self._fork(config, parent_sock, child_sock)
+            else:
+                pid = spawned.start(dataclasses.replace(self.spawning, child=config),
+                                    child_sock)
+        except BaseException:
+            parent_sock.close()
+            raise
+        finally:
+            child_sock.close()
+        child = Child(pid, index, name, parent_sock, time.monotonic())
+        self._children[pid] = child
+        assert self._selector is not None
+        self._selector.register(parent_sock, selectors.EVENT_READ, child)
+        return child
+
+    def _fork(self, config: ChildConfig, parent_sock: socket.socket,
+              child_sock: socket.socket) -> int:
+        """Fork the child; returns its pid (the child runs `child_main`)."""
         inherited = [parent_sock.fileno(), self._wake_r, self._wake_w]
         inherited += [child.sock.fileno() for child in self._children.values()]
         assert self._selector is not None
@@ -347,11 +379,8 @@ class PreforkPool(Supervisor):
             child_main(child_sock, self.runner, config, inherited)
         for handler in handlers:
             handler.release()
-        child_sock.close()
-        child = Child(pid, index, name, parent_sock, time.monotonic())
-        self._children[pid] = child
-        self._selector.register(parent_sock, selectors.EVENT_READ, child)
-        return child
+        return pid
+
 
 def _logging_handlers() -> list[logging.Handler]:
     """Every handler of every configured logger, once each, in a stable order."""

@@ -323,6 +323,36 @@ def _stop_main_process(observe) -> None:
     worker.proc.wait(30)
 
 
+@pytest.mark.parametrize("how", ["flag", "setting"])
+def test_spawned_pool_processes(broker, run_differential, how):
+    """``--pool-start-method spawn`` / ``worker_pool_start_method`` (Celery
+    5.7): each pool process is a fresh interpreter. It has none of what the
+    main process did after loading the app (a ``celeryd_after_setup``
+    receiver's state), is named ``SpawnPoolWorker-N``, sees Celery's
+    ``FORKED_BY_MULTIPROCESSING``, sends ``worker_process_init`` and
+    ``worker_process_shutdown`` and runs tasks as a forked one does.
+    ccworker used to accept the flag with a warning and fork."""
+
+    def scenario(app, observe):
+        names = PidNames()
+        observe.record("process", observe.send("process_facts").get(timeout=30))
+        observe.record("pids", [names(observe.send("pid").get(timeout=20))
+                                for _ in range(3)])
+        serve_check(observe, "serve", 2)
+        _stop_main_process(observe)
+        observe.record("exit", observe.worker.proc.returncode)
+        observe.record("process-signals", _process_records(observe, names))
+        observe.log_problems("log", normalise_log)
+
+    flags = ("--pool-start-method", "spawn") if how == "flag" \
+        else ("--", "worker.pool_start_method=spawn")
+    celery_obs, cc_obs = run_differential(
+        scenario, broker, project=PROJECT, concurrency=1, extra_flags=flags, fresh=True)
+    assert celery_obs["process"]["inherited"] is False, celery_obs
+    assert celery_obs["process"]["name"] == "SpawnPoolWorker-1", celery_obs
+    assert celery_obs == cc_obs
+
+
 @pytest.mark.parametrize("flags", [
     ("--max-tasks-per-child", "2"),
     ("--max-memory-per-child", "1"),

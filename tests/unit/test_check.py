@@ -109,7 +109,6 @@ def test_everything_reported_exits_1() -> None:
         "its execute_using_pool is not called",
         "Strategy checkproj:custom_strategy (checkproj.custom_strategy_task)",
         "time limits on the threads pool (checkproj.limited)",
-        "--pool-start-method spawn",
         "NOTE         setting   worker_lost_wait = 3.0",
         "NOTE         task      rate limits (checkproj.rated)",
         "(exit 1)",

@@ -15,6 +15,16 @@ from ccit_recorder import record
 
 _MAIN_PID = os.getpid()
 
+#: Set in the worker's main process once it is set up (``celeryd_after_setup``,
+#: sent before the pool starts): a forked pool process inherits it, a spawned
+#: one (a fresh interpreter, ``--pool-start-method spawn``) does not.
+MAIN_PROCESS_STATE = {"set_up": False}
+
+
+@signals.celeryd_after_setup.connect
+def on_celeryd_after_setup(sender=None, **kwargs):
+    MAIN_PROCESS_STATE["set_up"] = True
+
 
 @signals.worker_process_init.connect
 def on_worker_process_init(sender=None, **kwargs):

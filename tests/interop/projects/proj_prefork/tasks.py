@@ -65,6 +65,20 @@ def pid():
 
 
 @app.task
+def process_facts():
+    """How this pool process was started: whether it inherited the main
+    process's state (forked), its process name, Celery's fresh-interpreter
+    flag."""
+    import billiard.process
+
+    from .signals import MAIN_PROCESS_STATE
+
+    return {"inherited": MAIN_PROCESS_STATE["set_up"],
+            "name": billiard.process.current_process().name,
+            "FORKED_BY_MULTIPROCESSING": os.environ.get("FORKED_BY_MULTIPROCESSING")}
+
+
+@app.task
 def sleep(seconds):
     time.sleep(seconds)
     return seconds
