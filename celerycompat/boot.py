@@ -89,7 +89,6 @@ def worker_options(cl: CommandLine, boot: bool = False) -> opts.WorkerOptions:
         raise click.UsageError(str(exc), ctx=cl.ctx) from exc
     _set_own_options(options, cl)
     options.app_spec = cl.params.get("app")
-    options.config_args = list(cl.config_args)
     if boot:
         from celery.exceptions import ImproperlyConfigured
 

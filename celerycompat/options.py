@@ -243,8 +243,6 @@ class WorkerOptions:
     pool_start_method: str = "fork"
     app_spec: Optional[str] = None
     """``-A`` as given: a spawned prefork child loads the app from it."""
-    config_args: list[str] = field(default_factory=list)
-    """The command line's trailing ``key=value`` settings (applied to the app)."""
     quiet: bool = False
     no_color: bool = False
     user_options: dict[str, Any] = field(default_factory=dict)

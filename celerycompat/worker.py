@@ -109,7 +109,7 @@ def spawn_spec(options: Any) -> SpawnSpec:
     observability = getattr(options, "observability", None)
     return SpawnSpec(
         child=ChildConfig(hostname=options.nodename, index=0, name=""),
-        app_spec=options.app_spec, config_args=tuple(options.config_args),
+        app_spec=options.app_spec,
         hostname=options.nodename, loglevel=options.loglevel, logfile=options.logfile,
         no_color=options.no_color,
         log_format=getattr(observability, "log_format", None) or "text",

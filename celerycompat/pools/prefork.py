@@ -341,8 +341,10 @@ class PreforkPool(Supervisor):
             if self.spawning is None:
                 pid = self._fork(config, parent_sock, child_sock)
             else:
-                pid = spawned.start(dataclasses.replace(self.spawning, child=config),
-                                    child_sock)
+                spec = dataclasses.replace(
+                    self.spawning, child=config,
+                    conf_changes=spawned.conf_changes(self.runner.app))
+                pid = spawned.start(spec, child_sock, parent_sock)
         except BaseException:
             parent_sock.close()
             raise

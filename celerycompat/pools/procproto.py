@@ -9,6 +9,8 @@ install, so pickle (of plain data only) is safe here.
 
 Parent -> child::
 
+    ("spawn", SpawnSpec)                       first, to a spawned child only:
+                                               what to load (pools/spawned.py)
     ("job", job_no, task_name, TaskMessage)   run this task
     ("stop",)                                  exit cleanly (warm shutdown)
 

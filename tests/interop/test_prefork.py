@@ -328,7 +328,8 @@ def test_spawned_pool_processes(broker, run_differential, how):
     """``--pool-start-method spawn`` / ``worker_pool_start_method`` (Celery
     5.7): each pool process is a fresh interpreter. It has none of what the
     main process did after loading the app (a ``celeryd_after_setup``
-    receiver's state), is named ``SpawnPoolWorker-N``, sees Celery's
+    receiver's state) but the settings it changed (Celery's pickled app
+    carries them), is named ``SpawnPoolWorker-N``, sees Celery's
     ``FORKED_BY_MULTIPROCESSING``, sends ``worker_process_init`` and
     ``worker_process_shutdown`` and runs tasks as a forked one does.
     ccworker used to accept the flag with a warning and fork."""
@@ -349,6 +350,7 @@ def test_spawned_pool_processes(broker, run_differential, how):
     celery_obs, cc_obs = run_differential(
         scenario, broker, project=PROJECT, concurrency=1, extra_flags=flags, fresh=True)
     assert celery_obs["process"]["inherited"] is False, celery_obs
+    assert celery_obs["process"]["setting"] == "changed in the main process", celery_obs
     assert celery_obs["process"]["name"] == "SpawnPoolWorker-1", celery_obs
     assert celery_obs == cc_obs
 

@@ -22,8 +22,11 @@ MAIN_PROCESS_STATE = {"set_up": False}
 
 
 @signals.celeryd_after_setup.connect
-def on_celeryd_after_setup(sender=None, **kwargs):
+def on_celeryd_after_setup(sender=None, conf=None, **kwargs):
     MAIN_PROCESS_STATE["set_up"] = True
+    # A setting changed in the main process: Celery's spawned children get
+    # it too (its pickled app carries the changes), as forked ones do.
+    conf.update(ccit_after_setup="changed in the main process")
 
 
 @signals.worker_process_init.connect

@@ -70,10 +70,15 @@ def process_facts():
     process's state (forked), its process name, Celery's fresh-interpreter
     flag."""
     import billiard.process
+    from celery import current_app
 
     from .signals import MAIN_PROCESS_STATE
 
+    # The worker's app (Celery's spawned child unpickles its own, carrying
+    # the settings changed in the main process; the project module's
+    # ``app`` there is a second instance without them).
     return {"inherited": MAIN_PROCESS_STATE["set_up"],
+            "setting": current_app.conf.get("ccit_after_setup"),
             "name": billiard.process.current_process().name,
             "FORKED_BY_MULTIPROCESSING": os.environ.get("FORKED_BY_MULTIPROCESSING")}
 
