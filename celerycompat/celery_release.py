@@ -171,7 +171,9 @@ def cancels_on_cold_shutdown() -> bool:
     """Whether a cold shutdown cancels the running tasks, each with a
     ``task-cancelled`` event (``cancel_all_unacked_requests`` in 5.5,
     ``cancel_active_requests`` since 5.6: B37). Before 5.5 the pool is
-    terminated and no event is sent for them."""
+    terminated and its prefork pool reports each killed run as a lost
+    worker instead (``task-failed``); ccworker returns those messages to
+    the queue and sends no event for them."""
     return celery_version() >= (5, 5)
 
 

@@ -59,8 +59,9 @@ class Consumer(ConnectionLifecycle, Settling, Holding, ConsumerControls, Announc
     other concerns are mixins, each in its own module: the connection
     (consumer/connection.py), settling finished tasks (consumer/settling.py),
     holding ETA and rate-limited tasks and the prefetch count that follows
-    (consumer/holding.py), what remote control and inspect ask of it (consumer/controls.py), and
-    the messages it does not run (consumer/announce.py)."""
+    (consumer/holding.py), what remote control and inspect ask of it
+    (consumer/controls.py), and the messages it does not run
+    (consumer/announce.py)."""
 
     def __init__(self, *, app: Any, broker_factory: Callable[[], Broker], pool: Pool,
                  store: Any, queues: Sequence[Any],
