@@ -213,9 +213,16 @@ def _init_app(app: Any, config: ChildConfig) -> None:
     app.loader.init_worker_process()
     logfile = config.logfile
     if logfile and "%i" in logfile.lower():
-        # The file name differs per child: set logging up again for it.
+        # The file name differs per child: set logging up again for it, and
+        # print() into it when the worker redirected its own (Celery's
+        # app.log.redirect_stdouts leaves CELERY_LOG_REDIRECT in the
+        # environment for its children). A forked child's stdout already
+        # goes to the log; a spawned one's is the terminal until this.
         app.log.already_setup = False
-        app.log.setup(config.loglevel, logfile, False, hostname=config.hostname)
+        app.log.setup(config.loglevel, logfile,
+                      bool(os.environ.get("CELERY_LOG_REDIRECT", False)),
+                      str(os.environ.get("CELERY_LOG_REDIRECT_LEVEL")),
+                      hostname=config.hostname)
     app.set_current()
     set_default_app(app)
     app.finalize()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -39,6 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+import celery
 import pytest
 import redis
 
@@ -342,6 +344,49 @@ def test_deployment_command_line(case, request, interop_log_dir, tmp_path):
         assert obs["pidfile_after"] is False, (kind, "pidfile left behind")
         if purge:
             assert obs["purged"] == {"state": "PENDING", "runs": 0}, (kind, obs)
+    compare(observed, workers)
+
+
+def test_spawned_children_print_into_their_own_log_files(request, interop_log_dir, tmp_path):
+    """``--pool-start-method spawn`` with a log file per child (``%I``): a
+    spawned child sets logging up for its own file and, as Celery's does
+    (``process_initializer``: ``CELERY_LOG_REDIRECT`` from the parent),
+    sends what task code prints there. ccworker's spawned child used to
+    print to the inherited stdout instead."""
+    if tuple(int(p) for p in celery.__version__.split(".")[:2]) < (5, 7):
+        pytest.skip("worker_pool_start_method is Celery 5.7's")
+    broker = redis_broker()
+    request.getfixturevalue("redis_available")
+    args = ("-A proj_ops worker -l INFO -c 1 --pool-start-method spawn -n {node}@%h"
+            " --logfile={tmp}/%n%I.log -Q {qa}")
+    workers = {}
+    for kind in kinds_or_skip():
+        (tmp_path / kind).mkdir()
+        workers[kind] = CmdlineWorker(kind, args, broker, interop_log_dir, tmp_path / kind)
+    observed = {}
+    try:
+        start_all(list(workers.values()))
+        with clients(list(workers.values())) as apps:
+            for app, (kind, worker) in zip(apps, workers.items()):
+                text = f"shouted by {worker.token}"
+                app.send_task("proj_ops.tasks.shout", (text,), queue=worker.qa).get(
+                    timeout=harness.GET_TIMEOUT)
+
+                def printed(kind=kind, worker=worker, text=text) -> bool:
+                    observed[kind] = {
+                        p.name.replace(worker.name, "<node>"): [
+                            re.sub(r"^\[[^]]*: ", "[<time>: ", line).replace(
+                                worker.token, "<token>")
+                            for line in p.read_text(errors="replace").splitlines()
+                            if text in line]
+                        for p in sorted(worker.tmp.glob("*.log"))}
+                    return any(observed[kind].values())
+
+                wait_for(printed, 10)
+    finally:
+        cleanup(list(workers.values()))
+    for kind, obs in observed.items():
+        assert obs.get("<node>-1.log"), (kind, obs, workers[kind].log_tail(40))
     compare(observed, workers)
 
 

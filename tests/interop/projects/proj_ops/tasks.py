@@ -21,6 +21,13 @@ def add(x, y):
 
 
 @app.task
+def shout(text):
+    """Print ``text`` (the worker redirects task output into its log); the pid."""
+    print(text)
+    return os.getpid()
+
+
+@app.task
 def noop():
     """A sentinel: once its result exists, earlier messages were handled."""
     return "done"
