@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator, Optional
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis
+import redis_slots
 
 try:
     from celery.exceptions import DuplicateTaskNameWarning
@@ -76,24 +77,12 @@ ALL_KINDS = (*WORKER_KINDS, "celery2")
 #: and so the tests can count broker keys without seeing results. Under
 #: pytest-xdist each process of the run (``gw0``, ``gw1``, ...) gets its own
 #: three (kombu prefixes its fanout channels, the pidbox and events, with the
-#: db number, so broadcasts stay inside them too); a run without xdist keeps
+#: db number, so broadcasts stay inside them too), on a Redis server of its
+#: own past the fifth process (redis_slots.py); a run without xdist keeps
 #: 10, 11 and 12, the defaults the test projects fall back to.
-DB_SLOTS = ((1, 2, 3), (4, 5, 6), (7, 8, 9), (10, 11, 12), (13, 14, 15))
-
-
-def _redis_dbs() -> tuple:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker:
-        return DB_SLOTS[3]
-    index = int(worker.lstrip("gw"))
-    if index >= len(DB_SLOTS):
-        raise RuntimeError(
-            f"pytest-xdist process {worker}: Redis's 16 dbs give {len(DB_SLOTS)} "
-            f"isolated processes at most (-n {len(DB_SLOTS)})")
-    return DB_SLOTS[index]
-
-
-BROKER_DB, RESULT_DB, SCRATCH_DB = _redis_dbs()
+if redis_slots.needs_private_server():
+    os.environ["CC_REDIS_URL"] = redis_slots.start_private_server()
+BROKER_DB, RESULT_DB, SCRATCH_DB = redis_slots.databases()
 
 READY_TIMEOUT = float(os.environ.get("CC_READY_TIMEOUT", "40"))
 GET_TIMEOUT = float(os.environ.get("CC_GET_TIMEOUT", "20"))
