@@ -40,11 +40,11 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-import celery
 import pytest
 import redis
 
 import harness
+from celerycompat.celery_release import celery_version
 
 pytestmark = [pytest.mark.interop, pytest.mark.timeout(240)]
 
@@ -353,7 +353,7 @@ def test_spawned_children_print_into_their_own_log_files(request, interop_log_di
     (``process_initializer``: ``CELERY_LOG_REDIRECT`` from the parent),
     sends what task code prints there. ccworker's spawned child used to
     print to the inherited stdout instead."""
-    if tuple(int(p) for p in celery.__version__.split(".")[:2]) < (5, 7):
+    if celery_version() < (5, 7):
         pytest.skip("worker_pool_start_method is Celery 5.7's")
     broker = redis_broker()
     request.getfixturevalue("redis_available")
