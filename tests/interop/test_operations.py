@@ -357,8 +357,11 @@ def test_spawned_children_print_into_their_own_log_files(request, interop_log_di
         pytest.skip("worker_pool_start_method is Celery 5.7's")
     broker = redis_broker()
     request.getfixturevalue("redis_available")
+    # A spawned child must say it is up within worker_proc_alive_timeout
+    # (4 s) or be replaced, in both workers; under a loaded CI one took
+    # longer (SpawnPoolWorker-2 then printed). Not what this test is about.
     args = ("-A proj_ops worker -l INFO -c 1 --pool-start-method spawn -n {node}@%h"
-            " --logfile={tmp}/%n%I.log -Q {qa}")
+            " --logfile={tmp}/%n%I.log -Q {qa} -- worker.proc_alive_timeout=60")
     workers = {}
     for kind in kinds_or_skip():
         (tmp_path / kind).mkdir()
